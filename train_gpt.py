@@ -1,0 +1,1008 @@
+"""
+Parameter Golf entry: train the best GPT that fits a 16,000,000-byte artifact in 600 s on 8xH100.
+
+  torchrun --standalone --nproc_per_node=8 train_gpt.py
+
+Every knob is an environment variable (see Hyperparameters). The run trains, averages the weights
+(EMA/SWA), quantizes them to mixed int5/int6/int8, packs them with zstd or lzma, rebuilds a fresh model
+from that file alone and scores it with the exact stride-64 sliding-window evaluator. The last line of
+the log is the score of the round-tripped model.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import difflib
+import json
+import lzma
+import math
+import os
+import random
+import socket
+import sys
+import time
+import uuid
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+try:
+    import zstandard
+except ImportError:  # lzma alone still packs the model; the log says so
+    zstandard = None
+try:
+    from flash_attn_interface import flash_attn_func as flash_attn_3
+except ImportError:
+    flash_attn_3 = None
+
+ARTIFACT_CAP_BYTES = 16_000_000
+
+
+class SetupError(Exception):
+    """A bad input or setting: reported as one line saying what is wrong and how to fix it."""
+
+
+# -----------------------------------------------------------------------------
+# Hyperparameters
+
+_SETTINGS: dict[str, object] = {}
+
+
+def env(name: str, default):
+    """Read one setting from the environment, typed like its default, and remember it for the log."""
+    raw = os.environ.get(name)
+    value = default
+    if raw is not None:
+        try:
+            value = type(default)(float(raw)) if isinstance(default, int) else type(default)(raw)
+        except (ValueError, OverflowError):
+            raise SetupError(f"{name}={raw!r} is not a valid {type(default).__name__}") from None
+        if isinstance(default, int) and float(raw) != value:
+            raise SetupError(f"{name}={raw!r} must be a whole number")
+    _SETTINGS[name] = value
+    return value
+
+
+class Hyperparameters:
+    """Every knob, read from the environment when constructed; see README.md for the table."""
+
+    def __init__(self):
+        # Data and run identity.
+        self.data_path = env("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
+        self.tokenizer_path = env("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
+        self.run_id = env("RUN_ID", uuid.uuid4().hex[:8])
+        self.out_dir = env("OUT_DIR", ".")
+        self.seed = env("SEED", 1337)
+
+        # Model.
+        self.vocab_size = env("VOCAB_SIZE", 1024)
+        self.num_layers = env("NUM_LAYERS", 11)
+        self.model_dim = env("MODEL_DIM", 512)
+        self.num_heads = env("NUM_HEADS", 8)
+        self.num_kv_heads = env("NUM_KV_HEADS", 4)
+        self.mlp_mult = env("MLP_MULT", 3.0)
+        self.rope_base = env("ROPE_BASE", 10000.0)
+        self.qk_gain_init = env("QK_GAIN_INIT", 1.5)
+        self.logit_softcap = env("LOGIT_SOFTCAP", 30.0)
+        self.bigram_vocab_size = env("BIGRAM_VOCAB_SIZE", 2048)
+        self.bigram_dim = env("BIGRAM_DIM", 128)
+        self.tied_embed_init_std = env("TIED_EMBED_INIT_STD", 0.005)
+
+        # Training length and batch.
+        self.train_seq_len = env("TRAIN_SEQ_LEN", 2048)
+        self.train_batch_tokens = env("TRAIN_BATCH_TOKENS", 786_432)
+        self.iterations = env("ITERATIONS", 20000)
+        self.warmup_steps = env("WARMUP_STEPS", 20)  # compile warm-up, undone before the clock starts
+        self.lr_warmup_steps = env("LR_WARMUP_STEPS", 20)
+        self.warmdown_iters = env("WARMDOWN_ITERS", 3000)
+        self.max_wallclock_seconds = env("MAX_WALLCLOCK_SECONDS", 600.0)
+
+        # Optimizers.
+        self.matrix_lr = env("MATRIX_LR", 0.02)
+        self.scalar_lr = env("SCALAR_LR", 0.02)
+        self.tied_embed_lr = env("TIED_EMBED_LR", 0.03)
+        self.muon_momentum = env("MUON_MOMENTUM", 0.99)
+        self.muon_momentum_warmup_start = env("MUON_MOMENTUM_WARMUP_START", 0.92)
+        self.muon_momentum_warmup_steps = env("MUON_MOMENTUM_WARMUP_STEPS", 1500)
+        self.muon_backend_steps = env("MUON_BACKEND_STEPS", 5)
+        self.beta1 = env("BETA1", 0.9)
+        self.beta2 = env("BETA2", 0.95)
+        self.adam_eps = env("ADAM_EPS", 1e-8)
+        self.weight_decay = env("WEIGHT_DECAY", 0.04)
+        self.grad_clip_norm = env("GRAD_CLIP_NORM", 0.3)
+
+        # Weight averaging.
+        self.ema_decay = env("EMA_DECAY", 0.0)
+        self.swa_start_frac = env("SWA_START_FRAC", 0.4)
+        self.swa_every = env("SWA_EVERY", 50)
+
+        # Evaluation and logging.
+        self.val_loss_every = env("VAL_LOSS_EVERY", 1000)
+        self.val_tokens_limit = env("VAL_TOKENS_LIMIT", 0)
+        self.train_log_every = env("TRAIN_LOG_EVERY", 100)
+        self.eval_seq_len = env("EVAL_SEQ_LEN", 0)  # 0: TRAIN_SEQ_LEN
+        self.eval_stride = env("EVAL_STRIDE", 64)  # 0: plain non-overlapping windows
+        self.eval_batch_seqs = env("EVAL_BATCH_SEQS", 32)
+
+        # Compression and the submission.
+        self.quant_bits = env("QUANT_BITS", "mlp:5,attn:6,embed:8,bigram:6,other:8")
+        self.fp16_keep = env("FP16_KEEP", "")
+        self.fp16_max_numel = env("FP16_MAX_NUMEL", 65536)
+        self.compressor = env("COMPRESSOR", "auto")
+        self.allow_over_cap = env("ALLOW_OVER_CAP", 0)
+        self.compile = env("COMPILE", 1)
+        self.name = env("NAME", "")
+        self.author = env("AUTHOR", "")
+        self.github_id = env("GITHUB_ID", "")
+        self.blurb = env("BLURB", "")
+
+
+# Variables that torchrun, CUDA and friends set; never mistaken for a misspelt setting.
+_FOREIGN_PREFIXES = ("TORCH", "NCCL", "CUDA", "PYTORCH", "OMP", "MASTER_", "LOCAL_", "GROUP_", "ROLE_", "TRITON")
+
+
+def unknown_settings(environ=os.environ) -> list[str]:
+    """Warnings for environment variables that look like a misspelt setting (NUM_LAYER for NUM_LAYERS)."""
+    warnings = []
+    for key in sorted(environ):
+        if key in _SETTINGS or not key.isupper() or key.startswith(_FOREIGN_PREFIXES):
+            continue
+        close = difflib.get_close_matches(key, list(_SETTINGS), n=1, cutoff=0.8)
+        if close:
+            warnings.append(f"unknown setting {key}={environ[key]!r} is ignored: did you mean {close[0]}?")
+    return warnings
+
+
+# -----------------------------------------------------------------------------
+# Optimizer: Muon for the block matrices, Adam for embeddings and scalars
+
+
+def orthogonalize(g: torch.Tensor, steps: int) -> torch.Tensor:
+    """Approximate the nearest semi-orthogonal matrix to each g[..., :, :] by a quintic Newton-Schulz
+    iteration in bf16; the coefficients trade exactness for speed (singular values land in ~[0.7, 1.2])."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16()
+    wide = x.size(-2) <= x.size(-1)
+    if not wide:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x if wide else x.mT
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum whose update is orthogonalized. Matrices of one shape are orthogonalized
+    together in one batched call; with several ranks each rank takes a share and an all-reduce
+    gathers the updates."""
+
+    def __init__(self, params, lr: float, momentum: float, ns_steps: int, weight_decay: float):
+        super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        for group in self.param_groups:
+            by_shape: dict[torch.Size, list[torch.Tensor]] = {}
+            for p in group["params"]:
+                by_shape.setdefault(p.shape, []).append(p)
+            total = sum(p.numel() for p in group["params"])
+            flat = torch.zeros(total, dtype=torch.bfloat16, device=group["params"][0].device)
+            views, offset = [], 0
+            for shape, params in by_shape.items():
+                view = flat[offset : offset + len(params) * params[0].numel()].view(len(params), *shape)
+                offset += view.numel()
+                mine = list(range(rank, len(params), world))
+                if mine:
+                    grads = torch.stack([self._nesterov(params[i], group["momentum"]) for i in mine])
+                    view[mine] = orthogonalize(grads, group["ns_steps"]) * max(1.0, shape[0] / shape[1]) ** 0.5
+                views.append((params, view))
+            if world > 1:
+                dist.all_reduce(flat)
+            for params, view in views:
+                for p, update in zip(params, view):
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(update.to(p.dtype), alpha=-group["lr"])
+
+    def _nesterov(self, p: torch.Tensor, momentum: float) -> torch.Tensor:
+        buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+        buf.mul_(momentum).add_(p.grad)
+        return p.grad.add(buf, alpha=momentum)
+
+
+def build_optimizers(model: nn.Module, args) -> list[torch.optim.Optimizer]:
+    """Muon for 2-D matrices outside the embeddings; Adam for the tied embedding and bigram table
+    (with weight decay) and for every vector and scalar (without)."""
+    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    matrices, tables, scalars = [], [], []
+    for name, p in model.named_parameters():
+        if name in ("tok_emb.weight", "bigram.table.weight"):
+            tables.append(p)
+        elif name in linear:
+            matrices.append(p)
+        else:
+            scalars.append(p)
+    fused = next(model.parameters()).is_cuda
+    adam = torch.optim.AdamW(
+        [
+            dict(params=tables, lr=args.tied_embed_lr, base_lr=args.tied_embed_lr, weight_decay=args.weight_decay),
+            dict(params=scalars, lr=args.scalar_lr, base_lr=args.scalar_lr, weight_decay=0.0),
+        ],
+        betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused,
+    )
+    muon = Muon(matrices, lr=args.matrix_lr, momentum=args.muon_momentum, ns_steps=args.muon_backend_steps,
+                weight_decay=args.weight_decay)
+    muon.param_groups[0]["base_lr"] = args.matrix_lr
+    return [adam, muon]
+
+
+def lr_multiplier(step: int, elapsed_ms: float, args) -> float:
+    """Linear warm-up, then 1, then a linear warmdown to 0 that ends exactly at ITERATIONS or at the
+    wallclock cap, whichever comes first (the cap's warmdown length is WARMDOWN_ITERS at the mean step
+    time so far), so a run stopped by the cap always ends fully annealed."""
+    warm = min(1.0, (step + 1) / args.lr_warmup_steps) if args.lr_warmup_steps > 0 else 1.0
+    down = (args.iterations - step) / max(args.warmdown_iters, 1)
+    if args.max_wallclock_seconds > 0:
+        remaining_ms = max(1000 * args.max_wallclock_seconds - elapsed_ms, 0.0)
+        warmdown_ms = args.warmdown_iters * elapsed_ms / max(step, 1)
+        down = min(down, remaining_ms / warmdown_ms if warmdown_ms > 0 else float(remaining_ms > 0))
+    return warm * min(max(down, 0.0), 1.0)
+
+
+class WeightAverager:
+    """EMA of the weights every step (EMA_DECAY > 0) and/or SWA: an equal-weight mean of snapshots
+    taken every SWA_EVERY steps once the LR multiplier is below SWA_START_FRAC. SWA snapshots the EMA
+    weights when both are on. The result is what compression receives."""
+
+    def __init__(self, model: nn.Module, ema_decay: float, swa_start_frac: float, swa_every: int):
+        self.ema_decay, self.swa_start_frac, self.swa_every = ema_decay, swa_start_frac, swa_every
+        current = model.state_dict()
+        self.ema = {k: v.detach().float().clone() for k, v in current.items()} if ema_decay > 0 else None
+        self.swa = None
+        self.swa_count = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int, lr_mul: float) -> None:
+        current = model.state_dict()
+        if self.ema is not None:
+            torch._foreach_lerp_(list(self.ema.values()), [current[k].float() for k in self.ema], 1 - self.ema_decay)
+        if self.swa_every > 0 and lr_mul < self.swa_start_frac and step % self.swa_every == 0:
+            source = self.ema if self.ema is not None else {k: v.float() for k, v in current.items()}
+            if self.swa is None:
+                self.swa = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in source.items()}
+            torch._foreach_add_(list(self.swa.values()), [source[k] for k in self.swa])
+            self.swa_count += 1
+
+    def averaged(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], str]:
+        if self.swa_count:
+            of = "EMA" if self.ema is not None else "raw"
+            return {k: v / self.swa_count for k, v in self.swa.items()}, f"SWA over {self.swa_count} checkpoints of the {of} weights"
+        if self.ema is not None:
+            return {k: v.clone() for k, v in self.ema.items()}, f"EMA (decay {self.ema_decay})"
+        return {k: v.detach().float().clone() for k, v in model.state_dict().items()}, "none (final weights)"
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: bits per byte, plain and sliding-window
+
+
+def byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int, device) -> tuple[torch.Tensor, ...]:
+    """Per token id: UTF-8 bytes of its piece without the leading space mark, whether it has that mark
+    (one space byte, unless it follows a boundary token), and whether it is a boundary token (control,
+    unknown, unused: zero bytes). Byte-fallback pieces are one byte."""
+    base = np.zeros(vocab_size, dtype=np.int32)
+    space = np.zeros(vocab_size, dtype=bool)
+    boundary = np.ones(vocab_size, dtype=bool)
+    for i in range(sp.vocab_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        space[i] = piece.startswith("\u2581")
+        base[i] = len(piece.lstrip("\u2581").encode("utf-8")) if space[i] else len(piece.encode("utf-8"))
+    return tuple(torch.as_tensor(a, device=device) for a in (base, space, boundary))
+
+
+def target_bytes(prev: torch.Tensor, target: torch.Tensor, luts) -> torch.Tensor:
+    base, space, boundary = luts
+    return base[target] + (space[target] & ~boundary[prev]).int()
+
+
+def window_plan(n_tokens: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Start of each window and the index of its first scored target, so that every target
+    tokens[1:] is scored exactly once. The first window scores all its targets, each later one only
+    the targets past its predecessor's end; one last window, flush with the end, covers the tail."""
+    length = min(seq_len, n_tokens - 1)
+    stride = stride or length
+    if length < 1 or not 0 < stride <= length:
+        raise SetupError(f"EVAL_STRIDE={stride} must lie in 1..{length} (the window length), or 0 for plain windows")
+    starts = list(range(0, n_tokens - 1 - length + 1, stride))
+    if starts[-1] + length < n_tokens - 1:
+        starts.append(n_tokens - 1 - length)
+    starts = np.asarray(starts, dtype=np.int64)
+    first = np.zeros_like(starts)
+    first[1:] = starts[:-1] + length - starts[1:]
+    return starts, first
+
+
+@torch.no_grad()
+def evaluate(model, tokens: torch.Tensor, seq_len: int, stride: int, batch_seqs: int, luts,
+             rank: int = 0, world: int = 1) -> tuple[float, float]:
+    """(val_loss in nats per token, val_bpb) over every target of `tokens`; windows are split over
+    ranks and the sums reduced in float64."""
+    starts, first = window_plan(tokens.numel(), seq_len, stride)
+    length = min(seq_len, tokens.numel() - 1)
+    lo, hi = len(starts) * rank // world, len(starts) * (rank + 1) // world
+    starts, first = starts[lo:hi], first[lo:hi]
+    device = tokens.device
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, targets, bytes
+    offsets = torch.arange(length + 1, device=device)
+    for i in range(0, len(starts), batch_seqs):
+        s = torch.as_tensor(starts[i : i + batch_seqs], device=device)
+        f = torch.as_tensor(first[i : i + batch_seqs], device=device)
+        pad = batch_seqs - s.numel()  # repeat a window that scores nothing: one compiled shape
+        if pad:
+            s = torch.cat([s, s[-1:].expand(pad)])
+            f = torch.cat([f, torch.full((pad,), length, device=device)])
+        window = tokens[s[:, None] + offsets].long()
+        x, y = window[:, :-1], window[:, 1:]
+        with autocast(device):
+            losses = model(x, y)
+        scored = offsets[None, :-1] >= f[:, None]
+        sums[0] += losses.double()[scored].sum()
+        sums[1] += scored.sum()
+        sums[2] += target_bytes(x, y, luts)[scored].sum()
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    nats, count, nbytes = sums.tolist()
+    return nats / count, nats / math.log(2) / nbytes
+
+
+def autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+# -----------------------------------------------------------------------------
+# Quantization and packing: mixed-width per-row integers, compressed with zstd or lzma
+
+CLIP_FRACTIONS = (1.0, 0.98, 0.95, 0.92, 0.88, 0.84, 0.8, 0.75, 0.7)
+PACK_MAGIC = b"PGQ1"
+
+
+def parse_quant_bits(spec: str) -> dict[str, int]:
+    bits = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        group, _, value = item.partition(":")
+        if group not in ("mlp", "attn", "embed", "bigram", "other") or not value.isdigit() or not 2 <= int(value) <= 8:
+            raise SetupError(f"QUANT_BITS item {item!r}: expected GROUP:BITS with GROUP in mlp,attn,embed,bigram,other and BITS in 2..8")
+        bits[group] = int(value)
+    missing = {"mlp", "attn", "embed", "bigram", "other"} - bits.keys()
+    if missing:
+        raise SetupError(f"QUANT_BITS={spec!r} names no width for {', '.join(sorted(missing))}")
+    return bits
+
+
+def tensor_group(name: str) -> str:
+    if ".mlp." in name:
+        return "mlp"
+    if ".attn." in name:
+        return "attn"
+    if name.startswith("tok_emb."):
+        return "embed"
+    if name.startswith("bigram."):
+        return "bigram"
+    return "other"
+
+
+def quantize_rows(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row integers with an fp16 scale; each row keeps the clip fraction of its max
+    that gives the least squared error (clipping a few outliers buys finer steps for the rest)."""
+    w = w.float()
+    qmax = 2 ** (bits - 1) - 1
+    absmax = w.abs().amax(dim=1, keepdim=True)
+    best_err = best_q = best_scale = None
+    for frac in CLIP_FRACTIONS:
+        scale = (absmax * frac / qmax).clamp_min(2**-24).half().float()
+        q = (w / scale).round().clamp(-qmax, qmax)
+        err = (q * scale - w).square().sum(dim=1, keepdim=True)
+        if best_err is None:
+            best_err, best_q, best_scale = err, q, scale
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_q = torch.where(better, q, best_q)
+            best_scale = torch.where(better, scale, best_scale)
+    return best_q.to(torch.int8), best_scale.squeeze(1).half()
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+def compress(raw: bytes, method: str) -> tuple[str, bytes]:
+    """(codec, bytes): zstd level 22, lzma preset 9 extreme, or whichever is smaller ("auto")."""
+    candidates = []
+    if method in ("auto", "zstd") and zstandard is not None:
+        candidates.append(("zstd", zstandard.ZstdCompressor(level=22).compress(raw)))
+    if method in ("auto", "lzma"):
+        candidates.append(("lzma", lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)))
+    if not candidates:
+        raise SetupError(f"COMPRESSOR={method!r}: use auto, zstd or lzma (zstd needs `pip install zstandard`)")
+    return min(candidates, key=lambda c: len(c[1]))
+
+
+def decompress(data: bytes, codec: str) -> bytes:
+    if codec == "zstd":
+        if zstandard is None:
+            raise SetupError("this artifact is zstd-packed: `pip install zstandard` to read it")
+        return zstandard.ZstdDecompressor().decompress(data)
+    return lzma.decompress(data)
+
+
+def pack_model(state: dict[str, torch.Tensor], bits: dict[str, int], fp16_keep: list[str], fp16_max_numel: int,
+               method: str) -> tuple[bytes, list[dict]]:
+    """The compressed artifact and one report row per section. Tensors are grouped (mlp, attn, embed,
+    bigram, other; fp16 for small or FP16_KEEP tensors) and each group is compressed on its own, so the
+    report's bytes add up to the file."""
+    entries, sections = [], {}
+    for name, t in state.items():
+        t = t.detach().cpu()
+        keep = t.ndim != 2 or t.numel() <= fp16_max_numel or any(frag in name for frag in fp16_keep)
+        group = "fp16" if keep else tensor_group(name)
+        entries.append(dict(name=name, shape=list(t.shape), group=group))
+        parts = sections.setdefault(group, ([], []))
+        if keep:
+            parts[0].append(t.half().numpy().tobytes())
+        else:
+            q, scale = quantize_rows(t, bits[group])
+            parts[0].append(q.numpy().tobytes())
+            parts[1].append(scale.numpy().tobytes())
+    blobs, report = [], []
+    for group, (values, scales) in sections.items():
+        raw = b"".join(values) + b"".join(scales)
+        codec, blob = compress(raw, method)
+        blobs.append(blob)
+        members = [e for e in entries if e["group"] == group]
+        report.append(dict(group=group, codec=codec, bytes=len(blob), raw=len(raw), tensors=len(members),
+                           params=sum(math.prod(e["shape"]) for e in members), bits=16 if group == "fp16" else bits[group]))
+    header = json.dumps(dict(tensors=entries, sections=report)).encode()
+    return PACK_MAGIC + len(header).to_bytes(4, "little") + header + b"".join(blobs), report
+
+
+def unpack_model(data: bytes) -> dict[str, torch.Tensor]:
+    """Rebuild float32 tensors from an artifact made by pack_model."""
+    if data[:4] != PACK_MAGIC:
+        raise SetupError("not a model artifact of this script (bad magic)")
+    n = int.from_bytes(data[4:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    raw, offset = {}, 8 + n
+    for sec in header["sections"]:
+        raw[sec["group"]] = decompress(data[offset : offset + sec["bytes"]], sec["codec"])
+        offset += sec["bytes"]
+    members = {g: [e for e in header["tensors"] if e["group"] == g] for g in raw}
+    state = {}
+    for group, blob in raw.items():
+        if group == "fp16":
+            pos = 0
+            for e in members[group]:
+                count = math.prod(e["shape"])
+                state[e["name"]] = torch.frombuffer(bytearray(blob[pos : pos + 2 * count]), dtype=torch.float16).float().reshape(e["shape"])
+                pos += 2 * count
+            continue
+        pos = 0
+        scale_pos = sum(math.prod(e["shape"]) for e in members[group])
+        for e in members[group]:
+            rows, cols = e["shape"]
+            q = torch.frombuffer(bytearray(blob[pos : pos + rows * cols]), dtype=torch.int8).reshape(rows, cols)
+            scale = torch.frombuffer(bytearray(blob[scale_pos : scale_pos + 2 * rows]), dtype=torch.float16)
+            state[e["name"]] = dequantize_rows(q, scale)
+            pos += rows * cols
+            scale_pos += 2 * rows
+    return {e["name"]: state[e["name"]] for e in header["tensors"]}
+
+
+def check_artifact_size(code_bytes: int, model_bytes: int, allow_over_cap: bool) -> int:
+    total = code_bytes + model_bytes
+    if total > ARTIFACT_CAP_BYTES and not allow_over_cap:
+        raise SetupError(
+            f"artifact is {total:,} bytes ({code_bytes:,} code + {model_bytes:,} model), "
+            f"{total - ARTIFACT_CAP_BYTES:,} over the {ARTIFACT_CAP_BYTES:,}-byte cap: lower QUANT_BITS "
+            "(e.g. mlp:4), NUM_LAYERS, MODEL_DIM, MLP_MULT or BIGRAM_VOCAB_SIZE, or set ALLOW_OVER_CAP=1 for an experiment"
+        )
+    return total
+
+
+# -----------------------------------------------------------------------------
+# Data: the challenge's shards (256 x int32 header, then uint16 tokens)
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_BYTES = 20240520, 1, 1024
+
+
+def shard_paths(pattern: str) -> list[Path]:
+    path = Path(pattern)
+    files = sorted(path.parent.glob(path.name))
+    if not files:
+        raise SetupError(f"no shards match {pattern}: download them with the challenge's "
+                         "data/cached_challenge_fineweb.py, or point DATA_PATH at the folder that holds them")
+    return files
+
+
+def read_shard(path: Path, vocab_size: int) -> np.ndarray:
+    """The shard's tokens, memory-mapped, after checking its header, its size and its token ids."""
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise SetupError(f"{path}: {size} bytes is shorter than the 1024-byte header; the file is damaged, fetch it again")
+    magic, version, count = np.fromfile(path, dtype="<i4", count=3)
+    if magic != SHARD_MAGIC or version != SHARD_VERSION:
+        raise SetupError(f"{path}: header has magic {magic} version {version}, expected {SHARD_MAGIC} version "
+                         f"{SHARD_VERSION}; this is not a challenge shard, regenerate it")
+    if size != HEADER_BYTES + 2 * count:
+        raise SetupError(f"{path}: header promises {count} tokens ({HEADER_BYTES + 2 * count} bytes) but the file has "
+                         f"{size} bytes; the file is truncated or damaged, fetch it again")
+    tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(int(count),))
+    top = int(tokens.max()) if count else 0
+    if top >= vocab_size:
+        raise SetupError(f"{path}: token id {top} is not below VOCAB_SIZE={vocab_size}; the shards were made with "
+                         "another tokenizer, set VOCAB_SIZE and TOKENIZER_PATH to the ones that made them")
+    return tokens
+
+
+def load_val_tokens(pattern: str, vocab_size: int, limit: int) -> np.ndarray:
+    tokens = np.concatenate([read_shard(p, vocab_size) for p in shard_paths(pattern)])
+    if limit:
+        tokens = tokens[:limit]
+    if tokens.size < 2:
+        raise SetupError(f"{pattern}: the validation split has {tokens.size} tokens, too few to score")
+    return tokens
+
+
+class TokenStream:
+    """The training shards read in order as one endless stream, wrapping after the last."""
+
+    def __init__(self, pattern: str, vocab_size: int):
+        self.files, self.vocab_size = shard_paths(pattern), vocab_size
+        self.index, self.pos = 0, 0
+        self.tokens = read_shard(self.files[0], vocab_size)
+
+    def take(self, n: int) -> np.ndarray:
+        out, need = [], n
+        while need:
+            if self.pos == len(self.tokens):
+                self.index = (self.index + 1) % len(self.files)
+                self.tokens, self.pos = read_shard(self.files[self.index], self.vocab_size), 0
+                continue
+            piece = self.tokens[self.pos : self.pos + need]
+            out.append(piece)
+            self.pos += len(piece)
+            need -= len(piece)
+        return np.concatenate(out)
+
+
+class DistributedTokenLoader:
+    """Each call takes the next world * (local + 1) tokens of the stream; rank r keeps the r-th slice,
+    so ranks never overlap and no token is read twice within an epoch."""
+
+    def __init__(self, pattern: str, vocab_size: int, rank: int, world: int, device: torch.device):
+        self.pattern, self.vocab_size = pattern, vocab_size
+        self.rank, self.world, self.device = rank, world, device
+        self.stream = TokenStream(pattern, vocab_size)
+
+    def reset(self) -> None:
+        self.stream = TokenStream(self.pattern, self.vocab_size)
+
+    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        span = local_tokens + 1
+        chunk = self.stream.take(span * self.world)[self.rank * span : (self.rank + 1) * span]
+        t = torch.from_numpy(chunk.astype(np.int32))
+        if self.device.type == "cuda":
+            t = t.pin_memory().to(self.device, non_blocking=True)
+        t = t.long()
+        return t[:-1].view(-1, seq_len), t[1:].view(-1, seq_len)
+
+
+# -----------------------------------------------------------------------------
+# Model
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos[:, : x.size(1)].to(x.dtype), sin[:, : x.size(1)].to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal grouped-query attention on (batch, time, heads, head_dim) tensors."""
+    if flash_attn_3 is not None and q.is_cuda:
+        return flash_attn_3(q, k, v, causal=True)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, enable_gqa=k.size(2) != q.size(2))
+    return y.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, kv_heads: int, rope_base: float, qk_gain: float, max_seq_len: int):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.v = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.q_gain = nn.Parameter(torch.full((heads,), qk_gain))
+        cos, sin = rotary_tables(max_seq_len, self.head_dim, rope_base)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        v = self.v(x).view(b, t, self.kv_heads, self.head_dim)
+        # Normalized q and k keep attention logits bounded; the learned gain sets their temperature.
+        q = rms_norm(self.q(x).view(b, t, self.heads, self.head_dim)) * self.q_gain[:, None].to(v.dtype)
+        k = rms_norm(self.k(x).view(b, t, self.kv_heads, self.head_dim))
+        q, k = apply_rotary(q.to(v.dtype), self.cos, self.sin), apply_rotary(k.to(v.dtype), self.cos, self.sin)
+        return self.proj(causal_attention(q, k, v).reshape(b, t, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, mult: float):
+        super().__init__()
+        hidden = int(mult * dim)
+        self.fc = nn.Linear(dim, hidden, bias=False)
+        self.proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.relu(self.fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, kv_heads: int, mlp_mult: float, rope_base: float, qk_gain: float, max_seq_len: int):
+        super().__init__()
+        self.attn = Attention(dim, heads, kv_heads, rope_base, qk_gain, max_seq_len)
+        self.mlp = MLP(dim, mlp_mult)
+        self.attn_scale = nn.Parameter(torch.ones(dim))
+        self.mlp_scale = nn.Parameter(torch.ones(dim))
+        # Learned mix of the running residual with the first layer's input (starts as pure residual).
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(dim), torch.zeros(dim)]))
+
+    def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        x = self.resid_mix[0] * x + self.resid_mix[1] * x0
+        x = x + self.attn_scale * self.attn(rms_norm(x))
+        return x + self.mlp_scale * self.mlp(rms_norm(x))
+
+
+class SmearGate(nn.Module):
+    """Blend each token's embedding with its predecessor's through a learned per-channel gate; a
+    document's first token (BOS) and the first position keep their own embedding."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        blended = torch.lerp(x, prev, torch.sigmoid(self.gate).to(x.dtype))
+        return torch.where(starts[..., None], x, blended)
+
+
+class BigramHash(nn.Module):
+    """An embedding of the hashed (previous token, token) pair, projected to the model width; document
+    starts use a bucket of their own."""
+
+    def __init__(self, buckets: int, dim: int, model_dim: int):
+        super().__init__()
+        self.buckets = buckets
+        self.table = nn.Embedding(buckets, dim)
+        self.proj = nn.Linear(dim, model_dim, bias=False)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def bucket(self, ids: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        prev = F.pad(ids[:, :-1], (1, 0))
+        h = ((prev * 0x9E3779B1) ^ (ids * 0x85EBCA77)) % (self.buckets - 1)
+        return torch.where(starts, self.buckets - 1, h)
+
+    def forward(self, ids: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.proj(self.table(self.bucket(ids, starts)))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab_size: int, num_layers: int, model_dim: int, num_heads: int, num_kv_heads: int,
+                 mlp_mult: float, rope_base: float = 10000.0, qk_gain_init: float = 1.5, logit_softcap: float = 30.0,
+                 bigram_vocab_size: int = 0, bigram_dim: int = 128, bos_id: int = 1, max_seq_len: int = 2048,
+                 tied_embed_init_std: float = 0.005):
+        super().__init__()
+        if model_dim % num_heads or num_heads % num_kv_heads or (model_dim // num_heads) % 2:
+            raise SetupError(f"MODEL_DIM={model_dim} must split into NUM_HEADS={num_heads} heads of even width, "
+                             f"and NUM_HEADS into NUM_KV_HEADS={num_kv_heads} groups")
+        if bigram_vocab_size == 1:
+            raise SetupError("BIGRAM_VOCAB_SIZE=1 leaves no bucket for pairs: use 0 (off) or at least 2")
+        self.bos_id, self.logit_softcap = bos_id, logit_softcap
+        self.tok_emb = nn.Embedding(vocab_size, model_dim)
+        self.bigram = BigramHash(bigram_vocab_size, bigram_dim, model_dim) if bigram_vocab_size > 0 else None
+        self.smear = SmearGate(model_dim)
+        self.blocks = nn.ModuleList(Block(model_dim, num_heads, num_kv_heads, mlp_mult, rope_base, qk_gain_init, max_seq_len)
+                                    for _ in range(num_layers))
+        # U-Net: the first half's outputs feed the second half, last in first out.
+        self.num_encoder = num_layers // 2
+        self.skip_weights = nn.Parameter(torch.ones(self.num_encoder, model_dim))
+        self._init_weights(num_layers, tied_embed_init_std)
+
+    def _init_weights(self, num_layers: int, embed_std: float) -> None:
+        nn.init.normal_(self.tok_emb.weight, std=embed_std)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                nn.init.orthogonal_(module.weight)
+                if name.endswith("proj"):  # residual outputs shrink with depth so the stream starts tame
+                    module.weight.data.mul_((2 * num_layers) ** -0.5)
+        if self.bigram is not None:
+            nn.init.normal_(self.bigram.table.weight, std=0.02)
+            nn.init.zeros_(self.bigram.proj.weight)
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy in nats, shape of targets."""
+        starts = ids == self.bos_id
+        starts[:, 0] = True
+        x = self.tok_emb(ids)
+        if self.bigram is not None:
+            x = x + self.bigram(ids, starts)
+        x = x0 = rms_norm(self.smear(x, starts))
+        skips = []
+        for i, block in enumerate(self.blocks):
+            if i >= self.num_encoder and skips:
+                x = x + self.skip_weights[i - self.num_encoder] * skips.pop()
+            x = block(x, x0)
+            if i < self.num_encoder:
+                skips.append(x)
+        logits = F.linear(rms_norm(x), self.tok_emb.weight).float()
+        logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+
+
+def build_model(args, bos_id: int) -> GPT:
+    return GPT(args.vocab_size, args.num_layers, args.model_dim, args.num_heads, args.num_kv_heads, args.mlp_mult,
+               args.rope_base, args.qk_gain_init, args.logit_softcap, args.bigram_vocab_size, args.bigram_dim, bos_id,
+               max(args.train_seq_len, args.eval_seq_len), args.tied_embed_init_std)
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def accumulate_gradients(model: nn.Module, batches, micro_steps: int, device: torch.device) -> torch.Tensor:
+    """Backward over `micro_steps` micro-batches so the gradient is their mean; under DDP the
+    all-reduce runs only on the last one. Returns the mean loss."""
+    total = torch.zeros((), device=device)
+    for i in range(micro_steps):
+        x, y = next(batches)
+        if isinstance(model, DDP):
+            model.require_backward_grad_sync = i == micro_steps - 1
+        with autocast(device):
+            loss = model(x, y).mean()
+        (loss / micro_steps).backward()
+        total += loss.detach()
+    return total / micro_steps
+
+
+class Logger:
+    def __init__(self, path: Path | None):
+        self.file = open(path, "w", encoding="utf-8") if path else None
+
+    def __call__(self, msg: str) -> None:
+        if self.file:
+            print(msg, flush=True)
+            self.file.write(msg + "\n")
+            self.file.flush()
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world not in (1, 2, 4, 8):
+        raise SetupError(f"WORLD_SIZE={world}: use 1, 2, 4 or 8 processes so 8 micro-batches split evenly (gradient accumulation 8/WORLD_SIZE)")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def main() -> None:
+    args = Hyperparameters()
+    rank, world, device = init_distributed()
+    out_dir = Path(args.out_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    log = Logger(out_dir / "train.log" if rank == 0 else None)
+    eval_seq_len = args.eval_seq_len or args.train_seq_len
+    micro_steps = 8 // world
+    local_tokens = args.train_batch_tokens // 8
+    if args.train_batch_tokens % (8 * args.train_seq_len):
+        raise SetupError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must split into 8 micro-batches of whole "
+                         f"TRAIN_SEQ_LEN={args.train_seq_len} sequences: use a multiple of {8 * args.train_seq_len}")
+    log(f"run {args.run_id} on {socket.gethostname()}: world_size={world} grad_accum={micro_steps} device={device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else " (no CUDA device: CPU, for smoke runs only)"))
+    for key, value in _SETTINGS.items():
+        log(f"setting {key}={value}")
+    for warning in unknown_settings():
+        log(f"WARNING: {warning}")
+    quant_bits = parse_quant_bits(args.quant_bits)
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    if not Path(args.tokenizer_path).is_file():
+        raise SetupError(f"TOKENIZER_PATH={args.tokenizer_path} not found: fetch the challenge's tokenizer with "
+                         "data/cached_challenge_fineweb.py, or point TOKENIZER_PATH at a SentencePiece .model file")
+    sp = spm.SentencePieceProcessor(model_file=args.tokenizer_path)
+    if sp.vocab_size() != args.vocab_size:
+        raise SetupError(f"{args.tokenizer_path} has {sp.vocab_size()} pieces but VOCAB_SIZE={args.vocab_size}: "
+                         f"set VOCAB_SIZE={sp.vocab_size()} or use the tokenizer that matches the shards")
+    luts = byte_luts(sp, args.vocab_size, device)
+    val_np = load_val_tokens(str(Path(args.data_path) / "fineweb_val_*.bin"), args.vocab_size, args.val_tokens_limit)
+    val_tokens = torch.from_numpy(val_np.astype(np.int32)).to(device)
+    log(f"val tokens: {val_tokens.numel():,}" + (f" (VAL_TOKENS_LIMIT: a cut of the split, not a comparable score)"
+                                                 if args.val_tokens_limit else ""))
+    train_pattern = str(Path(args.data_path) / "fineweb_train_*.bin")
+    log(f"train shards: {len(shard_paths(train_pattern))} under {args.data_path}")
+    loader = DistributedTokenLoader(train_pattern, args.vocab_size, rank, world, device)
+
+    base_model = build_model(args, sp.bos_id()).to(device)
+    log(f"model: {sum(p.numel() for p in base_model.parameters()):,} parameters; attention: "
+        + ("flash_attn_interface (FA3)" if flash_attn_3 is not None and device.type == "cuda" else "PyTorch SDPA"))
+    compiled = torch.compile(base_model, dynamic=False) if args.compile else base_model
+    model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False) if world > 1 else compiled
+    optimizers = build_optimizers(base_model, args)
+    batches = iter(lambda: loader.next_batch(local_tokens, args.train_seq_len), None)
+
+    def train_step(step: int, elapsed_ms: float) -> tuple[torch.Tensor, float]:
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss = accumulate_gradients(model, batches, micro_steps, device)
+        lr_mul = lr_multiplier(step, elapsed_ms, args)
+        frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps > 0 else 1.0
+        optimizers[1].param_groups[0]["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_mul
+        if args.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(base_model.parameters(), args.grad_clip_norm)
+        for opt in optimizers:
+            opt.step()
+        return loss, lr_mul
+
+    def sync_time() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    # Compile warm-up: real steps, then every weight, optimizer state and the data stream rewound.
+    if args.warmup_steps > 0:
+        saved_model = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+        saved_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+        t0 = sync_time()
+        for i in range(args.warmup_steps):
+            train_step(0, 0.0)
+        base_model.load_state_dict(saved_model)
+        for opt, state in zip(optimizers, saved_opts):
+            opt.load_state_dict(state)
+        loader.reset()
+        log(f"warm-up: {args.warmup_steps} steps in {sync_time() - t0:.1f}s (compile), state restored")
+
+    averager = WeightAverager(base_model, args.ema_decay, args.swa_start_frac, args.swa_every)
+    cap_ms = 1000 * args.max_wallclock_seconds
+    train_ms, step = 0.0, 0
+    t0 = sync_time()
+    while step < args.iterations:
+        loss, lr_mul = train_step(step, train_ms)
+        step += 1
+        averager.update(base_model, step, lr_mul)
+        train_ms += 1000 * (sync_time() - t0)
+        t0 = time.perf_counter()
+        reached_cap = torch.tensor(float(cap_ms > 0 and train_ms >= cap_ms), device=device)
+        if world > 1:
+            dist.all_reduce(reached_cap, op=dist.ReduceOp.MAX)
+        last = step == args.iterations or bool(reached_cap.item())
+        if args.train_log_every and (step % args.train_log_every == 0 or step <= 10 or last):
+            step_ms = train_ms / step
+            left_ms = max(cap_ms - train_ms, 0.0) if cap_ms > 0 else float("inf")
+            steps_left = min(args.iterations - step, int(left_ms / step_ms))
+            log(f"step:{step}/{args.iterations} train_loss:{loss.item():.4f} lr_mul:{lr_mul:.3f} "
+                f"train_time:{train_ms:.0f}ms step_avg:{step_ms:.2f}ms steps_left:~{steps_left}"
+                + (f" time_left:{left_ms / 1000:.1f}s" if cap_ms > 0 else ""))
+        if args.val_loss_every and step % args.val_loss_every == 0 and not last:
+            vl, vb = evaluate(compiled, val_tokens, args.train_seq_len, 0, args.eval_batch_seqs, luts, rank, world)
+            log(f"step:{step} val_loss:{vl:.4f} val_bpb:{vb:.4f} (plain, current weights)")
+            t0 = sync_time()  # validation time is not training time
+        if last:
+            break
+    log(f"training: {step} steps in {train_ms / 1000:.1f}s ({train_ms / max(step, 1):.2f}ms/step)"
+        + (f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else ""))
+
+    vl, vb = evaluate(compiled, val_tokens, args.train_seq_len, 0, args.eval_batch_seqs, luts, rank, world)
+    log(f"final weights: val_loss:{vl:.4f} val_bpb:{vb:.4f} (plain)")
+    averaged, how = averager.averaged(base_model)
+    log(f"weight averaging: {how}")
+    base_model.load_state_dict(averaged)
+    pre_loss, pre_bpb = evaluate(compiled, val_tokens, args.train_seq_len, 0, args.eval_batch_seqs, luts, rank, world)
+    log(f"pre-quantization (averaged weights): val_loss:{pre_loss:.4f} val_bpb:{pre_bpb:.4f} (plain)")
+
+    # Compress, write the artifact, then score a fresh model rebuilt from that file alone.
+    artifact = out_dir / "final_model.ptz"
+    if rank == 0:
+        t_pack = time.perf_counter()
+        keep = [s.strip() for s in args.fp16_keep.split(",") if s.strip()]
+        blob, report = pack_model(averaged, quant_bits, keep, args.fp16_max_numel, args.compressor)
+        artifact.write_bytes(blob)
+        if zstandard is None:
+            log("compression: zstandard is not installed, lzma only")
+        for row in report:
+            log(f"quant group:{row['group']:<6} tensors:{row['tensors']:>3} params:{row['params']:>11,} bits:{row['bits']:>2} "
+                f"raw:{row['raw']:>11,} compressed:{row['bytes']:>11,} ({row['codec']})")
+        log(f"packing took {time.perf_counter() - t_pack:.1f}s")
+    if world > 1:
+        dist.barrier()
+    code_bytes = len(Path(__file__).read_bytes())
+    model_bytes = artifact.stat().st_size
+    log(f"artifact: {code_bytes + model_bytes:,} bytes = {code_bytes:,} code + {model_bytes:,} model "
+        f"(cap {ARTIFACT_CAP_BYTES:,}, {ARTIFACT_CAP_BYTES - code_bytes - model_bytes:,} to spare)")
+    bytes_total = check_artifact_size(code_bytes, model_bytes, bool(args.allow_over_cap))
+
+    t_eval = sync_time()
+    fresh = build_model(args, sp.bos_id()).to(device)
+    fresh.load_state_dict(unpack_model(artifact.read_bytes()))
+    scorer = torch.compile(fresh, dynamic=False) if args.compile else fresh
+    q_loss, q_bpb = evaluate(scorer, val_tokens, eval_seq_len, 0, args.eval_batch_seqs, luts, rank, world)
+    log(f"round trip: val_loss:{q_loss:.4f} val_bpb:{q_bpb:.4f} (plain, seq_len {eval_seq_len}) "
+        f"quantization cost {q_bpb - pre_bpb:+.4f} bpb")
+    mode = "plain"
+    if args.eval_stride:
+        mode = "sliding"
+        q_loss, q_bpb = evaluate(scorer, val_tokens, eval_seq_len, args.eval_stride, args.eval_batch_seqs, luts, rank, world)
+        log(f"round trip: val_loss:{q_loss:.4f} val_bpb:{q_bpb:.4f} (sliding, seq_len {eval_seq_len} stride {args.eval_stride})")
+    log(f"evaluation took {sync_time() - t_eval:.1f}s")
+
+    if rank == 0:
+        hardware = f"{world}x {torch.cuda.get_device_name(device)}" if device.type == "cuda" else f"{world}x CPU"
+        blurb = args.blurb or (f"{args.num_layers}L {args.model_dim}d MLP{args.mlp_mult:g}x, {args.quant_bits} + "
+                               f"{'/'.join(sorted({r['codec'] for r in report}))}, {mode} eval; trained {step} steps "
+                               f"on {args.data_path} with {hardware}")
+        submission = dict(name=args.name or f"run {args.run_id}", author=args.author, github_id=args.github_id,
+                          date=datetime.date.today().isoformat(), val_loss=round(q_loss, 8), val_bpb=round(q_bpb, 8),
+                          bytes_total=bytes_total, bytes_code=code_bytes, blurb=blurb)
+        (out_dir / "submission.json").write_text(json.dumps(submission, indent=2) + "\n")
+    log(f"final_score val_loss:{q_loss:.8f} val_bpb:{q_bpb:.8f} eval:{mode} seq_len:{eval_seq_len} "
+        f"stride:{args.eval_stride if mode == 'sliding' else eval_seq_len} bytes_total:{bytes_total}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except SetupError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
