@@ -928,8 +928,8 @@ def main() -> None:
         last = step == args.iterations or bool(reached_cap.item())
         if args.train_log_every and (step % args.train_log_every == 0 or step <= 10 or last):
             step_ms = train_ms / step
-            left_ms = max(cap_ms - train_ms, 0.0) if cap_ms > 0 else float("inf")
-            steps_left = min(args.iterations - step, int(left_ms / step_ms))
+            left_ms = max(cap_ms - train_ms, 0.0)
+            steps_left = min(args.iterations - step, int(left_ms / step_ms)) if cap_ms > 0 else args.iterations - step
             log(f"step:{step}/{args.iterations} train_loss:{loss.item():.4f} lr_mul:{lr_mul:.3f} "
                 f"train_time:{train_ms:.0f}ms step_avg:{step_ms:.2f}ms steps_left:~{steps_left}"
                 + (f" time_left:{left_ms / 1000:.1f}s" if cap_ms > 0 else ""))
