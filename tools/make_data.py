@@ -9,7 +9,8 @@ byte-fallback pieces appear), a SentencePiece BPE tokenizer trained on them with
 special ids (pad 0, bos 1, eos 2, unk 3), and shards in the challenge's format, each document encoded
 as BOS + pieces. No text is copied from anywhere: every word is drawn from random syllables.
 `markov`: token shards for throughput runs, made fast with numpy: documents of phrases drawn from a
-fixed random phrase bank, so the loss falls as a model learns the bank, with some random noise tokens.
+fixed random phrase bank (Zipf-distributed ids), so the loss falls as a model learns the unigram
+distribution and then the bank, with some random noise tokens.
 """
 import argparse
 import random
@@ -104,11 +105,13 @@ def markov_tokens(n: int, rng: np.random.Generator, bank: np.ndarray, vocab_size
 
 def make_markov_shards(out_dir: str, train_tokens: int, val_tokens: int, vocab_size: int = 1024,
                        shard_tokens: int = 100_000_000, seed: int = 0, bos_id: int = 1, doc_len: int = 1000) -> dict:
-    """Learnable synthetic shards (a random bank of 8-token phrases, 5% noise, BOS every doc_len tokens)."""
+    """Learnable synthetic shards (a random bank of 8-token phrases of Zipf-distributed ids, 5% uniform
+    noise, BOS every doc_len tokens)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    bank = rng.integers(4, vocab_size, size=(4096, 8), dtype=np.uint16)
+    zipf = 1 / np.arange(1, vocab_size - 3)  # a skewed unigram distribution, as in real text
+    bank = rng.choice(np.arange(4, vocab_size, dtype=np.uint16), size=(4096, 8), p=zipf / zipf.sum())
     write_split(out, "val", markov_tokens(val_tokens, rng, bank, vocab_size, bos_id, doc_len), shard_tokens)
     for i, start in enumerate(range(0, train_tokens, shard_tokens)):
         n = min(shard_tokens, train_tokens - start)

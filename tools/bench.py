@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""Speed benchmarks for train_gpt.py on synthetic shards (no FineWeb needed).
+
+  python3 tools/bench.py train --steps 300 [--nproc 1] [--data /tmp/pg_bench]   # training ms/step
+  python3 tools/bench.py eval [--world 8]                                       # sliding-window eval time
+  python3 tools/bench.py attention                                              # SDPA backends at the training shape
+  python3 tools/bench.py compare A.log B.log                                    # per-step loss match
+
+`train` runs the real script (torchrun) for a fixed number of steps at whatever configuration the
+environment sets (NUM_LAYERS=10 ..., exactly as for a real run) and reads its log: ms/step after
+warm-up, tokens/s, model TFLOP/s, MFU against the bf16 dense peak, and peak memory. `eval` times
+evaluate() at the challenge's validation size (62,021,846 tokens) on one GPU, for the share of windows
+one rank of --world gets, which is the wall time of the evaluation on that many GPUs. Synthetic tokens
+measure speed only; their losses say nothing about FineWeb.
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+FINEWEB_VAL_TOKENS = 62_021_846
+BF16_PEAK_TFLOPS = 989.0  # H100 SXM dense bf16, datasheet
+
+
+def model_flops_per_token(args, seq_len: int, training: bool) -> float:
+    """Matmul FLOPs per token (2 per multiply-add) of the model's linear layers, tied head and causal
+    attention; x3 for forward plus backward."""
+    d, layers = args.model_dim, args.num_layers
+    kv = d // args.num_heads * args.num_kv_heads
+    per_layer = d * d * 2 + 2 * d * kv + 2 * d * int(args.mlp_mult * d)
+    params = layers * per_layer + args.vocab_size * d + (args.bigram_dim * d if args.bigram_vocab_size else 0)
+    attention = layers * 2 * seq_len * d  # QK^T and AV, each 2*T*d per token, halved by the causal mask
+    return (2 * params + attention) * (3 if training else 1)
+
+
+def settings():
+    import train_gpt
+    return train_gpt.Hyperparameters()
+
+
+def ensure_shards(data: Path, train_tokens: int, val_tokens: int, vocab: int) -> None:
+    if sorted(data.glob("fineweb_train_*.bin")) and (data / "fineweb_val_000000.bin").exists():
+        return
+    from make_data import make_markov_shards
+    t0 = time.time()
+    make_markov_shards(str(data), train_tokens, val_tokens, vocab_size=vocab)
+    print(f"made synthetic shards in {data} ({train_tokens:,} train tokens) in {time.time() - t0:.0f}s", flush=True)
+
+
+def read_steps(log: str) -> list[tuple[int, float, float]]:
+    """(step, train_loss, train_time_ms) of every step line."""
+    pattern = re.compile(r"^step:(\d+)/\d+ train_loss:([\d.]+) .*train_time:(\d+)ms", re.M)
+    return [(int(s), float(l), float(t)) for s, l, t in pattern.findall(log)]
+
+
+def run_train(a) -> None:
+    args = settings()
+    data = Path(a.data)
+    ensure_shards(data, a.train_tokens, a.val_tokens, args.vocab_size)
+    out = Path(a.out)
+    env = dict(os.environ, DATA_PATH=str(data), ITERATIONS=str(a.steps), MAX_WALLCLOCK_SECONDS="0",
+               VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="1", OUT_DIR=str(out), ALLOW_OVER_CAP="1")
+    env.setdefault("TOKENIZER_PATH", a.tokenizer)
+    cmd = ["torchrun", "--standalone", f"--nproc_per_node={a.nproc}", str(ROOT / "train_gpt.py")]
+    print("running:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, env=env, check=True)
+    log = (out / "train.log").read_text()
+    steps = read_steps(log)
+    skip = min(a.skip, len(steps) - 2)
+    (s0, _, t0), (s1, _, t1) = steps[skip], steps[-1]
+    step_ms = (t1 - t0) / (s1 - s0)
+    tokens_s = args.train_batch_tokens / step_ms * 1000
+    tflops = model_flops_per_token(args, args.train_seq_len, True) * tokens_s / 1e12 / a.nproc
+    peak = re.search(r"peak memory ([\d.]+) GiB", log)
+    print(f"config: {args.num_layers}L {args.model_dim}d MLP{args.mlp_mult:g} seq {args.train_seq_len} "
+          f"batch {args.train_batch_tokens:,} tokens, {a.nproc} GPU(s)")
+    print(f"ms/step (steps {s0 + 1}-{s1}): {step_ms:.1f}   tokens/s: {tokens_s:,.0f}   "
+          f"model TFLOP/s per GPU: {tflops:.0f}   MFU: {100 * tflops / BF16_PEAK_TFLOPS:.1f}% of {BF16_PEAK_TFLOPS:.0f}   "
+          f"peak memory: {peak.group(1) if peak else '?'} GiB")
+    print("loss at steps 1, 50, 100, ..., last:",
+          " ".join(f"{s}:{l:.4f}" for s, l, _ in steps if s == 1 or s % 50 == 0 or s == s1))
+
+
+def run_eval(a) -> None:
+    import torch
+    import train_gpt as tg
+    args = settings()
+    device = torch.device("cuda")
+    seq_len = args.eval_seq_len or args.train_seq_len
+    model = tg.build_model(args, bos_id=1).to(device)
+    scorer = torch.compile(model, dynamic=False) if args.compile else model
+    g = torch.Generator(device=device).manual_seed(0)
+    tokens = torch.randint(4, args.vocab_size, (FINEWEB_VAL_TOKENS,), device=device, dtype=torch.int32, generator=g)
+    vocab = torch.arange(args.vocab_size, device=device)
+    luts = (torch.full_like(vocab, 3, dtype=torch.int32), vocab % 3 == 0, vocab < 4)
+    warm = tokens[: seq_len * args.eval_batch_seqs + 1]  # compiles the batch shape outside the clock
+    tg.evaluate(scorer, warm, seq_len, args.eval_stride, args.eval_batch_seqs, luts)
+    starts, _ = tg.window_plan(tokens.numel(), seq_len, args.eval_stride)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    tg.evaluate(scorer, tokens, seq_len, args.eval_stride, args.eval_batch_seqs, luts, rank=0, world=a.world)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    tokens_scored = len(starts) * seq_len / a.world
+    tflops = model_flops_per_token(args, seq_len, False) * tokens_scored / seconds / 1e12
+    print(f"eval: {FINEWEB_VAL_TOKENS:,} tokens, seq_len {seq_len}, stride {args.eval_stride}, {len(starts):,} windows, "
+          f"batch {args.eval_batch_seqs}; one rank of {a.world} took {seconds:.1f}s "
+          f"(= the {a.world}-GPU wall time; {seconds * a.world:.0f}s for all windows on one GPU), "
+          f"{tflops:.0f} model TFLOP/s, peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
+def run_attention(a) -> None:
+    """Forward+backward of causal GQA attention at the training shape through each SDPA backend."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    args = settings()
+    heads, kv, seq = args.num_heads, args.num_kv_heads, args.train_seq_len
+    dim = args.model_dim // heads
+    batch = args.train_batch_tokens // 8 // seq
+    shape = lambda h: (batch, h, seq, dim)  # noqa: E731
+    q = torch.randn(shape(heads), device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(shape(kv), device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    grad = torch.randn(shape(heads), device="cuda", dtype=torch.bfloat16)
+
+    def native_gqa():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    def repeated_kv():
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(heads // kv, 1), v.repeat_interleave(heads // kv, 1), is_causal=True)
+
+    flops = 4 * batch * heads * seq * seq * dim / 2 * 3.5  # causal: half of QK^T and AV; backward 2.5x
+    print(f"attention fwd+bwd, batch {batch} x seq {seq}, {heads} heads / {kv} kv heads of {dim}:")
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        for label, fn in (("native GQA", native_gqa), ("k/v repeated", repeated_kv)):
+            def step():
+                with sdpa_kernel(backend):
+                    fn().backward(grad)
+            try:
+                ms = median_ms(step)
+                print(f"  {backend.name:<20} {label:<13} {ms:7.2f} ms  {flops / ms / 1e9:6.0f} TFLOP/s")
+            except RuntimeError as err:
+                print(f"  {backend.name:<20} {label:<13} unsupported: {str(err).splitlines()[0][:90]}")
+
+
+def median_ms(fn, warmup: int = 5, reps: int = 20) -> float:
+    import torch
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def run_compare(a) -> None:
+    first, second = (read_steps(Path(p).read_text()) for p in (a.logs[0], a.logs[1]))
+    pairs = [(s, l1, l2) for (s, l1, _), (s2, l2, _) in zip(first, second) if s == s2]
+    worst = max(pairs, key=lambda p: abs(p[1] - p[2]))
+    mean = sum(abs(l1 - l2) for _, l1, l2 in pairs) / len(pairs)
+    print(f"{len(pairs)} steps compared: mean |dloss| {mean:.4f}, max {abs(worst[1] - worst[2]):.4f} at step {worst[0]}")
+    for s, l1, l2 in pairs:
+        if s == 1 or s % 50 == 0 or s == pairs[-1][0]:
+            print(f"step {s}: {l1:.4f} {l2:.4f} ({l2 - l1:+.4f})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="mode", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--skip", type=int, default=10, help="steps left out of the mean (warm-up of caches and allocator)")
+    t.add_argument("--nproc", type=int, default=1)
+    t.add_argument("--data", default="/tmp/pg_bench")
+    t.add_argument("--out", default="/tmp/pg_bench_out")
+    t.add_argument("--train-tokens", type=int, default=60_000_000)
+    t.add_argument("--val-tokens", type=int, default=1_000_000)
+    t.add_argument("--tokenizer", default=str(ROOT / ".carry" / "fineweb_1024_bpe.model"))
+    e = sub.add_parser("eval")
+    e.add_argument("--world", type=int, default=8)
+    sub.add_parser("attention")
+    c = sub.add_parser("compare")
+    c.add_argument("logs", nargs=2)
+    a = ap.parse_args()
+    {"train": run_train, "eval": run_eval, "attention": run_attention, "compare": run_compare}[a.mode](a)
+
+
+if __name__ == "__main__":
+    main()
