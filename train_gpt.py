@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 try:
@@ -61,11 +62,17 @@ def env(name: str, default):
     value = default
     if raw is not None:
         try:
-            value = type(default)(float(raw)) if isinstance(default, int) else type(default)(raw)
-        except (ValueError, OverflowError):
-            raise SetupError(f"{name}={raw!r} is not a valid {type(default).__name__}") from None
-        if isinstance(default, int) and float(raw) != value:
-            raise SetupError(f"{name}={raw!r} must be a whole number")
+            value = type(default)(raw)
+        except ValueError:
+            try:  # an int setting may be written 1e6 or 786432.0, but not 1.5
+                number = float(raw) if isinstance(default, int) else math.nan
+            except ValueError:
+                number = math.nan
+            if not math.isfinite(number):
+                raise SetupError(f"{name}={raw!r} is not a valid {type(default).__name__}") from None
+            if number != int(number):
+                raise SetupError(f"{name}={raw!r} must be a whole number") from None
+            value = int(number)
     _SETTINGS[name] = value
     return value
 
@@ -385,7 +392,7 @@ def parse_quant_bits(spec: str) -> dict[str, int]:
     bits = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         group, _, value = item.partition(":")
-        if group not in ("mlp", "attn", "embed", "bigram", "other") or not value.isdigit() or not 2 <= int(value) <= 8:
+        if group not in ("mlp", "attn", "embed", "bigram", "other") or not value.isdecimal() or not 2 <= int(value) <= 8:
             raise SetupError(f"QUANT_BITS item {item!r}: expected GROUP:BITS with GROUP in mlp,attn,embed,bigram,other and BITS in 2..8")
         bits[group] = int(value)
     missing = {"mlp", "attn", "embed", "bigram", "other"} - bits.keys()
@@ -458,17 +465,17 @@ def pack_model(state: dict[str, torch.Tensor], bits: dict[str, int], fp16_keep: 
     report's bytes add up to the file."""
     entries, sections = [], {}
     for name, t in state.items():
-        t = t.detach().cpu()
+        t = t.detach()  # quantized where it lies: on the GPU the clip search takes seconds, not a minute
         keep = t.ndim != 2 or t.numel() <= fp16_max_numel or any(frag in name for frag in fp16_keep)
         group = "fp16" if keep else tensor_group(name)
         entries.append(dict(name=name, shape=list(t.shape), group=group))
         parts = sections.setdefault(group, ([], []))
         if keep:
-            parts[0].append(t.half().numpy().tobytes())
+            parts[0].append(t.half().cpu().numpy().tobytes())
         else:
             q, scale = quantize_rows(t, bits[group])
-            parts[0].append(q.numpy().tobytes())
-            parts[1].append(scale.numpy().tobytes())
+            parts[0].append(q.cpu().numpy().tobytes())
+            parts[1].append(scale.cpu().numpy().tobytes())
     blobs, report = [], []
     for group, (values, scales) in sections.items():
         raw = b"".join(values) + b"".join(scales)
@@ -573,6 +580,8 @@ class TokenStream:
 
     def __init__(self, pattern: str, vocab_size: int):
         self.files, self.vocab_size = shard_paths(pattern), vocab_size
+        if all(f.stat().st_size <= HEADER_BYTES for f in self.files):
+            raise SetupError(f"{pattern}: the training shards hold no tokens; regenerate them")
         self.index, self.pos = 0, 0
         self.tokens = read_shard(self.files[0], vocab_size)
 
@@ -633,12 +642,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+# cuDNN's fused attention ran 1.5x flash's at the training shape on H100 (tools/bench.py attention);
+# the others stay as fallbacks for shapes it does not take.
+SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal grouped-query attention on (batch, time, heads, head_dim) tensors."""
     if flash_attn_3 is not None and q.is_cuda:
         return flash_attn_3(q, k, v, causal=True)
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=True, enable_gqa=k.size(2) != q.size(2))
+    with sdpa_kernel(SDPA_PRIORITY, set_priority=True):
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, enable_gqa=k.size(2) != q.size(2))
     return y.transpose(1, 2)
 
 
@@ -864,6 +879,7 @@ def main() -> None:
     luts = byte_luts(sp, args.vocab_size, device)
     val_np = load_val_tokens(str(Path(args.data_path) / "fineweb_val_*.bin"), args.vocab_size, args.val_tokens_limit)
     val_tokens = torch.from_numpy(val_np.astype(np.int32)).to(device)
+    window_plan(val_tokens.numel(), eval_seq_len, args.eval_stride)  # a bad EVAL_STRIDE fails now, not after training
     log(f"val tokens: {val_tokens.numel():,}" + (f" (VAL_TOKENS_LIMIT: a cut of the split, not a comparable score)"
                                                  if args.val_tokens_limit else ""))
     train_pattern = str(Path(args.data_path) / "fineweb_train_*.bin")
@@ -872,7 +888,7 @@ def main() -> None:
 
     base_model = build_model(args, sp.bos_id()).to(device)
     log(f"model: {sum(p.numel() for p in base_model.parameters()):,} parameters; attention: "
-        + ("flash_attn_interface (FA3)" if flash_attn_3 is not None and device.type == "cuda" else "PyTorch SDPA"))
+        + ("flash_attn_interface (FA3)" if flash_attn_3 is not None and device.type == "cuda" else "PyTorch SDPA, cuDNN first"))
     compiled = torch.compile(base_model, dynamic=False) if args.compile else base_model
     model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False) if world > 1 else compiled
     optimizers = build_optimizers(base_model, args)

@@ -4,6 +4,7 @@
   python3 tools/bench.py train --steps 300 [--nproc 1] [--data /tmp/pg_bench]   # training ms/step
   python3 tools/bench.py eval [--world 8]                                       # sliding-window eval time
   python3 tools/bench.py attention                                              # SDPA backends at the training shape
+  python3 tools/bench.py profile                                                # GPU time per kernel of one step
   python3 tools/bench.py compare A.log B.log                                    # per-step loss match
 
 `train` runs the real script (torchrun) for a fixed number of steps at whatever configuration the
@@ -150,6 +151,38 @@ def run_attention(a) -> None:
                 print(f"  {backend.name:<20} {label:<13} unsupported: {str(err).splitlines()[0][:90]}")
 
 
+def run_profile(a) -> None:
+    """Where one training step's GPU time goes: the script's own model, optimizers and step on random
+    tokens, two steps under torch.profiler after three warm-up steps; kernels by total time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    import train_gpt as tg
+    args = settings()
+    device = torch.device("cuda")
+    model = tg.build_model(args, bos_id=1).to(device)
+    compiled = torch.compile(model, dynamic=False)
+    optimizers = tg.build_optimizers(model, args)
+    seqs = args.train_batch_tokens // 8 // args.train_seq_len
+    tokens = torch.randint(4, args.vocab_size, (seqs, args.train_seq_len + 1), device=device)
+    batches = iter(lambda: (tokens[:, :-1], tokens[:, 1:]), None)
+
+    def step():
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        tg.accumulate_gradients(compiled, batches, 8, device)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
+        for opt in optimizers:
+            opt.step()
+        torch.cuda.synchronize()
+
+    for _ in range(3):
+        step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.rows, max_name_column_width=60))
+
+
 def median_ms(fn, warmup: int = 5, reps: int = 20) -> float:
     import torch
     for _ in range(warmup):
@@ -191,10 +224,12 @@ def main() -> None:
     e = sub.add_parser("eval")
     e.add_argument("--world", type=int, default=8)
     sub.add_parser("attention")
+    p = sub.add_parser("profile")
+    p.add_argument("--rows", type=int, default=30)
     c = sub.add_parser("compare")
     c.add_argument("logs", nargs=2)
     a = ap.parse_args()
-    {"train": run_train, "eval": run_eval, "attention": run_attention, "compare": run_compare}[a.mode](a)
+    {"train": run_train, "eval": run_eval, "attention": run_attention, "profile": run_profile, "compare": run_compare}[a.mode](a)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,325 @@
+"""The GPT: per-token losses, causality, SmearGate, BigramHash, shape checks, U-Net skips and init."""
+import math
+
+import pytest
+import torch
+
+import train_gpt as tg
+
+VOCAB, DIM, HEADS, KV_HEADS, BOS = 64, 32, 4, 2, 1
+
+
+def make_model(num_layers=2, bigram=0, seed=0, **kw) -> tg.GPT:
+    torch.manual_seed(seed)
+    args = dict(vocab_size=VOCAB, num_layers=num_layers, model_dim=DIM, num_heads=HEADS, num_kv_heads=KV_HEADS,
+                mlp_mult=3.0, bigram_vocab_size=bigram, bigram_dim=8, bos_id=BOS, max_seq_len=64)
+    args.update(kw)
+    return tg.GPT(**args).eval()
+
+
+@torch.no_grad()
+def perturb(model: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> torch.nn.Module:
+    """Small noise on every parameter, so zero-initialized paths (bigram proj, smear gate) are active."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.add_(scale * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def random_ids(batch=2, seq=16, seed=0, low=4) -> torch.Tensor:
+    """Token ids that avoid BOS (ids below `low`), so BOS positions are only those a test places."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(low, VOCAB, (batch, seq), generator=gen)
+
+
+def capture_smear(model: tg.GPT, ids: torch.Tensor, targets: torch.Tensor):
+    """(input, starts, output) of model.smear during one forward pass."""
+    seen = {}
+
+    def hook(module, inputs, output):
+        seen["x"], seen["starts"], seen["out"] = inputs[0].detach().clone(), inputs[1].clone(), output.detach().clone()
+
+    handle = model.smear.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(ids, targets)
+    finally:
+        handle.remove()
+    return seen["x"], seen["starts"], seen["out"]
+
+
+# -- forward -------------------------------------------------------------------------------------
+
+
+def test_forward_returns_finite_per_token_losses_with_targets_shape():
+    model = make_model(num_layers=3, bigram=32)
+    ids, targets = random_ids(3, 12, seed=1), random_ids(3, 12, seed=2)
+    with torch.no_grad():
+        losses = model(ids, targets)
+    assert losses.shape == targets.shape == (3, 12)
+    assert losses.dtype == torch.float32
+    assert torch.isfinite(losses).all()
+    assert (losses >= 0).all()
+
+
+def test_fresh_model_predicts_near_uniform():
+    # Tiny tied embeddings give near-zero logits, so every loss starts near ln(vocab).
+    model = make_model()
+    with torch.no_grad():
+        losses = model(random_ids(2, 16), random_ids(2, 16, seed=5))
+    assert losses.mean().item() == pytest.approx(math.log(VOCAB), abs=0.05)
+
+
+def test_changing_a_target_changes_only_its_own_loss():
+    # A target changed at one position changes that position's loss only.
+    model = perturb(make_model(bigram=16))
+    ids, targets = random_ids(1, 10), random_ids(1, 10, seed=3)
+    other = targets.clone()
+    other[0, 6] = (other[0, 6] + 1) % VOCAB
+    with torch.no_grad():
+        a, b = model(ids, targets), model(ids, other)
+    changed = (a - b).abs() > 1e-6
+    assert changed[0].nonzero().flatten().tolist() == [6]
+
+
+def test_logit_softcap_bounds_the_loss():
+    model = make_model(logit_softcap=5.0)
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(1e4)  # logits far beyond the cap
+        losses = model(random_ids(2, 16), random_ids(2, 16, seed=7))
+    assert torch.isfinite(losses).all()
+    assert losses.max().item() <= 2 * 5.0 + math.log(VOCAB) + 1e-4
+
+
+def test_batch_rows_are_independent():
+    model = perturb(make_model(bigram=16))
+    ids, targets = random_ids(3, 12, seed=4), random_ids(3, 12, seed=6)
+    ids[1, 5] = BOS
+    with torch.no_grad():
+        together = model(ids, targets)
+        apart = torch.cat([model(ids[i : i + 1], targets[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(together, apart, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bigram", [0, 16])
+@pytest.mark.parametrize("t", [1, 7, 15])
+def test_changing_a_token_changes_no_earlier_loss(bigram, t):
+    model = perturb(make_model(num_layers=3, bigram=bigram))
+    ids, targets = random_ids(2, 16, seed=t), random_ids(2, 16, seed=100 + t)
+    ids[:, 4] = BOS  # a document boundary in the middle
+    changed = ids.clone()
+    changed[:, t] = (changed[:, t] - 4 + 1) % (VOCAB - 4) + 4  # another non-BOS token
+    with torch.no_grad():
+        before, after = model(ids, targets), model(changed, targets)
+    torch.testing.assert_close(after[:, :t], before[:, :t], rtol=0, atol=1e-6)
+    # The change is visible from position t on, so the comparison above is not vacuous.
+    assert (after[:, t:] - before[:, t:]).abs().max().item() > 1e-4
+
+
+# -- SmearGate -----------------------------------------------------------------------------------
+
+
+def test_smeargate_blends_each_token_with_its_predecessor():
+    smear = tg.SmearGate(4)
+    with torch.no_grad():
+        smear.gate.copy_(torch.tensor([-2.0, 0.0, 1.0, 3.0]))
+    x = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(0))
+    starts = torch.zeros(2, 5, dtype=torch.bool)
+    starts[:, 0] = True
+    starts[1, 3] = True
+    out = smear(x, starts)
+    g = torch.sigmoid(smear.gate)
+    expected = (1 - g) * x[:, 1:] + g * x[:, :-1]
+    for b, t in [(0, 1), (0, 2), (0, 3), (0, 4), (1, 1), (1, 2), (1, 4)]:
+        torch.testing.assert_close(out[b, t], expected[b, t - 1])
+    for b, t in [(0, 0), (1, 0), (1, 3)]:
+        torch.testing.assert_close(out[b, t], x[b, t], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bigram", [0, 16])
+def test_smeargate_bos_ignores_its_predecessor_but_other_tokens_do_not(bigram):
+    model = perturb(make_model(bigram=bigram))
+    ids, targets = random_ids(1, 12, seed=8), random_ids(1, 12, seed=9)
+    bos_pos, plain_pos = 6, 10
+    ids[0, bos_pos] = BOS
+    changed = ids.clone()
+    changed[0, bos_pos - 1] = (ids[0, bos_pos - 1] - 4 + 5) % (VOCAB - 4) + 4
+    changed[0, plain_pos - 1] = (ids[0, plain_pos - 1] - 4 + 5) % (VOCAB - 4) + 4
+    x_a, starts, out_a = capture_smear(model, ids, targets)
+    _, _, out_b = capture_smear(model, changed, targets)
+    assert starts[0, bos_pos] and not starts[0, plain_pos]
+    # The BOS keeps its own embedding, whatever came before it.
+    torch.testing.assert_close(out_a[0, bos_pos], x_a[0, bos_pos], rtol=0, atol=0)
+    torch.testing.assert_close(out_b[0, bos_pos], out_a[0, bos_pos], rtol=0, atol=0)
+    # A non-BOS token's output moves with its predecessor.
+    assert (out_b[0, plain_pos] - out_a[0, plain_pos]).abs().max().item() > 1e-4
+
+
+@pytest.mark.parametrize("first", [BOS, 17])
+def test_smeargate_never_blends_position_zero(first):
+    model = perturb(make_model())
+    ids, targets = random_ids(2, 8, seed=10), random_ids(2, 8, seed=11)
+    ids[:, 0] = first
+    x, starts, out = capture_smear(model, ids, targets)
+    assert starts[:, 0].all()
+    torch.testing.assert_close(out[:, 0], x[:, 0], rtol=0, atol=0)
+    # Position 1 (not a BOS) is blended, so the check above is not vacuous.
+    assert (out[:, 1] - x[:, 1]).abs().max().item() > 1e-4
+
+
+# -- BigramHash ----------------------------------------------------------------------------------
+
+
+def test_bigram_off_gives_no_module_and_fewer_parameters():
+    off, on = make_model(bigram=0), make_model(bigram=32)
+    assert off.bigram is None
+    assert isinstance(on.bigram, tg.BigramHash)
+    n_off = sum(p.numel() for p in off.parameters())
+    n_on = sum(p.numel() for p in on.parameters())
+    assert n_on - n_off == 32 * 8 + 8 * DIM + 1  # table, projection, scale
+    assert not any(name.startswith("bigram.") for name in off.state_dict())
+
+
+@pytest.mark.parametrize("buckets", [2, 3, 64, 2048])
+def test_bigram_buckets_lie_in_range_and_reserve_the_last_for_starts(buckets):
+    bigram = tg.BigramHash(buckets, 4, 8)
+    gen = torch.Generator().manual_seed(buckets)
+    ids = torch.randint(0, 65536, (8, 256), generator=gen)
+    starts = torch.rand(8, 256, generator=gen) < 0.1
+    starts[:, 0] = True
+    h = bigram.bucket(ids, starts)
+    assert h.shape == ids.shape
+    assert h.min().item() >= 0 and h.max().item() < buckets
+    assert (h[starts] == buckets - 1).all()
+    assert (h[~starts] != buckets - 1).all()
+
+
+def test_bigram_bucket_depends_on_the_pair_and_spreads():
+    bigram = tg.BigramHash(2048, 4, 8)
+    prev, cur = torch.meshgrid(torch.arange(VOCAB), torch.arange(VOCAB), indexing="ij")
+    ids = torch.stack([prev.reshape(-1), cur.reshape(-1)], dim=1)
+    starts = torch.zeros_like(ids, dtype=torch.bool)
+    h = bigram.bucket(ids, starts)[:, 1]
+    # Same token after different predecessors lands in different buckets, and all 4096 pairs spread out.
+    assert h.view(VOCAB, VOCAB)[:, 5].unique().numel() > VOCAB // 2
+    assert h.unique().numel() > 1000
+
+
+def test_bigram_start_bucket_via_model_for_bos_and_position_zero():
+    model = make_model(bigram=32)
+    ids = random_ids(1, 8, seed=12)
+    ids[0, 3] = BOS
+    starts = ids == BOS
+    starts[:, 0] = True
+    h = model.bigram.bucket(ids, starts)
+    assert h[0, 0] == 31 and h[0, 3] == 31
+    assert (h[0, [1, 2, 4, 5, 6, 7]] != 31).all()
+
+
+def test_zero_initialized_bigram_is_a_no_op_until_its_projection_moves():
+    with_bigram, without = make_model(bigram=32), make_model(bigram=0)
+    shared = {k: v for k, v in with_bigram.state_dict().items() if not k.startswith("bigram.")}
+    without.load_state_dict(shared)
+    assert torch.count_nonzero(with_bigram.bigram.proj.weight) == 0
+    ids, targets = random_ids(2, 16, seed=13), random_ids(2, 16, seed=14)
+    with torch.no_grad():
+        base = without(ids, targets)
+        torch.testing.assert_close(with_bigram(ids, targets), base, rtol=0, atol=0)
+        torch.nn.init.normal_(with_bigram.bigram.proj.weight, std=1.0)
+        with_bigram.bigram.scale.fill_(1.0)
+        moved = with_bigram(ids, targets)
+    assert (moved - base).abs().max().item() > 1e-3
+
+
+# -- shape checks --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw, named",
+    [
+        (dict(model_dim=30, num_heads=4, num_kv_heads=2), "MODEL_DIM=30"),  # dim not divisible by heads
+        (dict(model_dim=32, num_heads=4, num_kv_heads=3), "NUM_KV_HEADS=3"),  # heads not divisible by kv
+        (dict(model_dim=12, num_heads=4, num_kv_heads=2), "MODEL_DIM=12"),  # odd head width breaks RoPE
+        (dict(bigram=1), "BIGRAM_VOCAB_SIZE=1"),
+    ],
+)
+def test_invalid_shapes_raise_setup_error(kw, named):
+    with pytest.raises(tg.SetupError) as err:
+        make_model(**kw)
+    assert named in str(err.value)
+
+
+def test_valid_gqa_and_mha_shapes_build():
+    assert make_model(num_heads=4, num_kv_heads=4).blocks[0].attn.k.weight.shape == (DIM, DIM)
+    assert make_model(num_heads=4, num_kv_heads=1).blocks[0].attn.k.weight.shape == (DIM // 4, DIM)
+    assert make_model(bigram=2).bigram.buckets == 2
+
+
+# -- U-Net ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 3, 4, 5])
+def test_unet_encoder_half_and_skip_weights_shape(num_layers):
+    model = make_model(num_layers=num_layers)
+    assert model.num_encoder == num_layers // 2
+    assert model.skip_weights.shape == (num_layers // 2, DIM)
+    assert len(model.blocks) == num_layers
+    with torch.no_grad():
+        assert torch.isfinite(model(random_ids(1, 8), random_ids(1, 8, seed=1))).all()
+
+
+def test_unet_skip_weights_reach_the_loss():
+    model = perturb(make_model(num_layers=4))
+    model(random_ids(2, 12), random_ids(2, 12, seed=1)).mean().backward()
+    assert model.skip_weights.grad is not None
+    assert (model.skip_weights.grad.abs().sum(dim=1) > 0).all()  # every skip is used
+
+
+# -- init ----------------------------------------------------------------------------------------
+
+
+def test_orthogonal_init_of_attention_and_mlp_matrices():
+    num_layers = 4
+    model = make_model(num_layers=num_layers, bigram=32)
+    eye = torch.eye(DIM)
+    shrink = (2 * num_layers) ** -0.5
+    for block in model.blocks:
+        q = block.attn.q.weight.detach()
+        torch.testing.assert_close(q @ q.T, eye, rtol=0, atol=1e-5)
+        k = block.attn.k.weight.detach()  # (kv_dim, dim): orthonormal rows
+        torch.testing.assert_close(k @ k.T, torch.eye(k.shape[0]), rtol=0, atol=1e-5)
+        fc = block.mlp.fc.weight.detach()  # (hidden, dim): orthonormal columns
+        torch.testing.assert_close(fc.T @ fc, eye, rtol=0, atol=1e-5)
+        for proj in (block.attn.proj.weight.detach(), block.mlp.proj.weight.detach()):
+            torch.testing.assert_close(proj @ proj.T, eye * shrink**2, rtol=0, atol=1e-5)
+    assert torch.count_nonzero(model.bigram.proj.weight) == 0
+    assert torch.count_nonzero(model.smear.gate) == 0
+
+
+def test_embedding_init_scales():
+    model = make_model(num_layers=2, bigram=512, tied_embed_init_std=0.005)
+    assert model.tok_emb.weight.std().item() == pytest.approx(0.005, rel=0.15)
+    assert model.bigram.table.weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+# -- backward ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("perturbed", [False, True])
+def test_backward_gives_finite_grads_for_every_parameter(perturbed):
+    model = make_model(num_layers=4, bigram=32).train()
+    if perturbed:
+        perturb(model)
+    ids, targets = random_ids(2, 16, seed=15), random_ids(2, 16, seed=16)
+    ids[:, 7] = BOS
+    model(ids, targets).mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert p.grad.shape == p.shape, name
+        assert torch.isfinite(p.grad).all(), name
+    if perturbed:  # with every path active, every parameter learns
+        dead = [name for name, p in model.named_parameters() if torch.count_nonzero(p.grad) == 0]
+        assert dead == []
+    else:  # at init the zero bigram projection blocks the table's gradient, but not its own
+        assert torch.count_nonzero(model.bigram.table.weight.grad) == 0
+        assert torch.count_nonzero(model.bigram.proj.weight.grad) > 0
