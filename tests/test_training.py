@@ -1,0 +1,210 @@
+"""Training section of train_gpt.py: gradient accumulation, and whole runs of the script as a
+subprocess (the CPU smoke run of run.sh, setup errors on a fresh machine, misspelt settings, and the
+compile warm-up leaving the run unchanged)."""
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_gpt as tg
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "train_gpt.py"
+# Every setting the script reads, so a stray one in the caller's environment cannot change a run.
+SETTING_NAMES = set(re.findall(r'\benv\("([A-Z0-9_]+)"', SCRIPT.read_text()))
+FINAL_SCORE = re.compile(r"^final_score val_loss:(\d+(?:\.\d+)?) val_bpb:(\d+(?:\.\d+)?) eval:sliding( |$)")
+TRAIN_LOSS = re.compile(r"^step:(\d+)/(\d+) train_loss:(\S+) ", re.M)
+
+
+def clean_env(**overrides) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in SETTING_NAMES and k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+def tiny_config(corpus: dict, out_dir: Path, **overrides) -> dict:
+    cfg = dict(DATA_PATH=corpus["data_path"], TOKENIZER_PATH=corpus["tokenizer"], VOCAB_SIZE=corpus["vocab_size"],
+               NUM_LAYERS=2, MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, TRAIN_SEQ_LEN=64, TRAIN_BATCH_TOKENS=512,
+               ITERATIONS=3, WARMUP_STEPS=1, MAX_WALLCLOCK_SECONDS=0, VAL_LOSS_EVERY=0, COMPILE=0,
+               BIGRAM_VOCAB_SIZE=64, BIGRAM_DIM=16, OUT_DIR=out_dir, EVAL_STRIDE=32)
+    cfg.update(overrides)
+    return cfg
+
+
+def run_script(cwd: Path, timeout: int = 120, **settings) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT)], cwd=cwd, env=clean_env(**settings), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def train_losses(log_text: str) -> dict[int, str]:
+    return {int(m.group(1)): m.group(3) for m in TRAIN_LOSS.finditer(log_text)}
+
+
+# -----------------------------------------------------------------------------
+# accumulate_gradients
+
+
+def tiny_model() -> tg.GPT:
+    torch.manual_seed(0)
+    model = tg.GPT(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2.0,
+                   bigram_vocab_size=16, bigram_dim=8, max_seq_len=16)
+    with torch.no_grad():  # the zero-initialized bigram projection would give its table a zero gradient
+        model.bigram.proj.weight.normal_(std=0.05)
+    return model.float()
+
+
+def test_accumulate_gradients_equals_one_backward_of_the_mean_loss_over_the_whole_batch():
+    g = torch.Generator().manual_seed(0)
+    micro = [(torch.randint(0, 64, (2, 16), generator=g), torch.randint(0, 64, (2, 16), generator=g))
+             for _ in range(5)]
+    model = tiny_model()
+    reference = copy.deepcopy(model)
+    batches = iter(micro)
+
+    loss = tg.accumulate_gradients(model, batches, micro_steps=4, device=torch.device("cpu"))
+
+    x = torch.cat([b[0] for b in micro[:4]])
+    y = torch.cat([b[1] for b in micro[:4]])
+    full = reference(x, y).mean()
+    full.backward()
+
+    assert loss.ndim == 0 and not loss.requires_grad
+    torch.testing.assert_close(loss, full.detach(), atol=1e-5, rtol=1e-5)
+    grads = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert grads[name].grad.abs().max() > 0, name  # a real check, not zeros against zeros
+        torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-6, rtol=1e-4, msg=name)
+    # Exactly micro_steps batches were consumed.
+    assert next(batches)[0] is micro[4][0]
+
+
+def test_accumulate_gradients_accumulates_across_calls_without_zero_grad():
+    """Two calls without zero_grad in between accumulate, like backward does: the sum of both means."""
+    g = torch.Generator().manual_seed(1)
+    micro = [(torch.randint(0, 64, (1, 16), generator=g), torch.randint(0, 64, (1, 16), generator=g))
+             for _ in range(4)]
+    model, reference = tiny_model(), tiny_model()
+    batches = iter(micro)
+    tg.accumulate_gradients(model, batches, 2, torch.device("cpu"))
+    tg.accumulate_gradients(model, batches, 2, torch.device("cpu"))
+    for pair in (micro[:2], micro[2:]):
+        reference(torch.cat([b[0] for b in pair]), torch.cat([b[1] for b in pair])).mean().backward()
+    ref = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[name].grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+# -----------------------------------------------------------------------------
+# The smoke run of run.sh
+
+
+def test_run_sh_smoke_run_writes_a_consistent_submission(tmp_path):
+    out = tmp_path / "out"
+    empty = tmp_path / "no_shards"  # no shards here: run.sh must take its CPU smoke branch
+    empty.mkdir()
+    proc = subprocess.run(["bash", "run.sh"], cwd=ROOT, capture_output=True, text=True, timeout=480,
+                          env=clean_env(ITERATIONS=30, OUT_DIR=out, DATA_PATH=empty))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    match = FINAL_SCORE.match(lines[-1])
+    assert match, lines[-1]
+    val_loss, val_bpb = float(match.group(1)), float(match.group(2))
+    assert 0 < val_bpb < 10 and 0 < val_loss < 10
+
+    for name in ("train.log", "final_model.ptz", "submission.json"):
+        assert (out / name).is_file(), name
+    log = (out / "train.log").read_text()
+    assert log.strip().splitlines()[-1] == lines[-1]  # the log ends with the same score line
+
+    sub = json.loads((out / "submission.json").read_text())
+    assert set(sub) >= {"name", "author", "github_id", "date", "val_loss", "val_bpb", "bytes_total", "bytes_code", "blurb"}
+    assert sub["val_bpb"] == pytest.approx(val_bpb, abs=1e-9)
+    assert sub["val_loss"] == pytest.approx(val_loss, abs=1e-9)
+    assert sub["bytes_code"] == SCRIPT.stat().st_size
+    assert sub["bytes_total"] == sub["bytes_code"] + (out / "final_model.ptz").stat().st_size
+    assert f"bytes_total:{sub['bytes_total']}" in lines[-1]
+
+    losses = train_losses(log)
+    assert 1 in losses and 30 in losses, sorted(losses)
+    assert float(losses[30]) < float(losses[1])
+
+
+# -----------------------------------------------------------------------------
+# Setup errors: one line on stderr, exit code 2, no traceback
+
+
+def assert_setup_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == errors[0]
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+    return errors[0]
+
+
+def test_fresh_machine_without_shards_exits_2_naming_the_missing_shards(tiny_corpus, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run_script(tmp_path, **tiny_config(tiny_corpus, tmp_path / "out", DATA_PATH=empty))
+    assert_setup_error(proc, "no shards match", str(empty), "fineweb_")
+
+
+@pytest.mark.parametrize(
+    "overrides, fragments",
+    [
+        pytest.param(dict(TOKENIZER_PATH="{tmp}/nope/tokenizer.model"), ("TOKENIZER_PATH=", "not found"),
+                     id="missing_tokenizer"),
+        pytest.param(dict(VOCAB_SIZE=1024), ("VOCAB_SIZE=1024", "512"), id="vocab_size_disagrees_with_tokenizer"),
+        pytest.param(dict(TRAIN_BATCH_TOKENS=1000), ("TRAIN_BATCH_TOKENS=1000", "TRAIN_SEQ_LEN=64", "512"),
+                     id="batch_not_divisible_by_8_seq_len"),
+        pytest.param(dict(WORLD_SIZE=3), ("WORLD_SIZE=3",), id="world_size_3"),
+    ],
+)
+def test_bad_setting_exits_2_with_one_error_line_naming_it(tiny_corpus, tmp_path, overrides, fragments):
+    overrides = {k: str(v).replace("{tmp}", str(tmp_path)) for k, v in overrides.items()}
+    proc = run_script(tmp_path, **tiny_config(tiny_corpus, tmp_path / "out", **overrides))
+    assert_setup_error(proc, *fragments)
+    assert not (tmp_path / "out" / "final_model.ptz").exists()
+
+
+# -----------------------------------------------------------------------------
+# Short runs on the tiny corpus
+
+
+def test_misspelt_setting_logs_a_warning_suggesting_the_right_name(tiny_corpus, tmp_path):
+    out = tmp_path / "out"
+    proc = run_script(tmp_path, **tiny_config(tiny_corpus, out, NUM_LAYER=3))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (out / "train.log").read_text()
+    warnings = [line for line in log.splitlines() if line.startswith("WARNING:")]
+    assert any("NUM_LAYER=" in w and "did you mean NUM_LAYERS" in w for w in warnings), warnings
+    assert "setting NUM_LAYERS=2" in log  # the misspelt one is ignored
+    assert "WARNING:" in proc.stdout
+
+
+def test_compile_warmup_leaves_training_unchanged(tiny_corpus, tmp_path):
+    """The warm-up takes real optimizer steps, then restores weights, optimizer state and the data
+    stream: the logged losses of steps 1..3 must be identical to a run without warm-up."""
+    logs = {}
+    for warmup in (0, 2):
+        out = tmp_path / f"warmup{warmup}"
+        proc = run_script(tmp_path, **tiny_config(tiny_corpus, out, WARMUP_STEPS=warmup, SEED=7, ITERATIONS=3,
+                                                  MUON_MOMENTUM_WARMUP_STEPS=2, LR_WARMUP_STEPS=0))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        logs[warmup] = (out / "train.log").read_text()
+    assert "warm-up: 2 steps" in logs[2] and "warm-up:" not in logs[0]
+    without, with_warmup = train_losses(logs[0]), train_losses(logs[2])
+    assert sorted(without) == [1, 2, 3]
+    assert with_warmup == without
+    assert len(set(without.values())) > 1  # the loss moves, so a stale state would show
