@@ -90,7 +90,7 @@ class Hyperparameters:
 
         # Model.
         self.vocab_size = env("VOCAB_SIZE", 1024)
-        self.num_layers = env("NUM_LAYERS", 11)
+        self.num_layers = env("NUM_LAYERS", 10)
         self.model_dim = env("MODEL_DIM", 512)
         self.num_heads = env("NUM_HEADS", 8)
         self.num_kv_heads = env("NUM_KV_HEADS", 4)
@@ -625,33 +625,6 @@ class DistributedTokenLoader:
 # Model
 
 
-@torch.library.custom_op("pgolf::embedding_grad", mutates_args=())
-def embedding_grad(grad: torch.Tensor, ids: torch.Tensor, rows: int) -> torch.Tensor:
-    """PyTorch's own embedding backward (sort and segment-sum), kept opaque to torch.compile: the
-    compiler's version scatters with atomic adds and cost 13 ms of every 89 ms micro-step on H100."""
-    return torch.ops.aten.embedding_dense_backward(grad, ids, rows, -1, False)
-
-
-@embedding_grad.register_fake
-def _(grad: torch.Tensor, ids: torch.Tensor, rows: int) -> torch.Tensor:
-    return grad.new_empty(rows, grad.size(-1))
-
-
-class Lookup(torch.autograd.Function):
-    """weight[ids], with its gradient from embedding_grad."""
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(ids)
-        ctx.rows = weight.size(0)
-        return F.embedding(ids, weight)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (ids,) = ctx.saved_tensors
-        return embedding_grad(grad.contiguous(), ids, ctx.rows), None
-
-
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
@@ -669,7 +642,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
-# cuDNN's fused attention ran 1.5x flash's at the training shape on H100 (tools/bench.py attention);
+# cuDNN's fused attention ran 1.5x flash's at the training shape on H100 (tools/bench.py attention).
+# torch 2.11 already prefers it there; the explicit order keeps it on versions that prefer flash, and
 # the others stay as fallbacks for shapes it does not take.
 SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -765,7 +739,7 @@ class BigramHash(nn.Module):
         return torch.where(starts, self.buckets - 1, h)
 
     def forward(self, ids: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.proj(Lookup.apply(self.table.weight, self.bucket(ids, starts)))
+        return self.scale * self.proj(self.table(self.bucket(ids, starts)))
 
 
 class GPT(nn.Module):
@@ -805,7 +779,7 @@ class GPT(nn.Module):
         """Per-token cross-entropy in nats, shape of targets."""
         starts = ids == self.bos_id
         starts[:, 0] = True
-        x = Lookup.apply(self.tok_emb.weight, ids)
+        x = self.tok_emb(ids)
         if self.bigram is not None:
             x = x + self.bigram(ids, starts)
         x = x0 = rms_norm(self.smear(x, starts))

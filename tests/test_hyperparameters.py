@@ -95,7 +95,7 @@ def test_hyperparameters_bad_value_names_the_setting(monkeypatch):
 
 
 DEFAULTS = [
-    ("num_layers", 11),
+    ("num_layers", 10),
     ("model_dim", 512),
     ("num_heads", 8),
     ("num_kv_heads", 4),
