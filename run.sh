@@ -11,6 +11,7 @@ fi
 echo "no CUDA device or no shards under $DATA_PATH: smoke run on CPU with generated data in ./smoke"
 python3 tools/make_data.py text --out smoke/data
 exec env DATA_PATH=smoke/data TOKENIZER_PATH=smoke/data/gen_512_bpe.model VOCAB_SIZE=512 OUT_DIR="${OUT_DIR:-smoke}" \
+  NAME="CPU smoke run" BLURB="Smoke run on generated text (tools/make_data.py text), 4L 128d, ${ITERATIONS:-200} steps on a CPU: shows the format, not a FineWeb score" \
   NUM_LAYERS=4 MODEL_DIM=128 NUM_HEADS=4 NUM_KV_HEADS=2 BIGRAM_VOCAB_SIZE=512 BIGRAM_DIM=32 \
   TRAIN_SEQ_LEN=256 TRAIN_BATCH_TOKENS=8192 ITERATIONS="${ITERATIONS:-200}" WARMUP_STEPS=0 LR_WARMUP_STEPS=10 \
   WARMDOWN_ITERS=80 MAX_WALLCLOCK_SECONDS=0 VAL_LOSS_EVERY=100 TRAIN_LOG_EVERY=25 SWA_EVERY=10 \
