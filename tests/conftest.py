@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -25,3 +26,12 @@ def tiny_sp(tiny_corpus):
     import sentencepiece as spm
 
     return spm.SentencePieceProcessor(model_file=tiny_corpus["tokenizer"])
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_intra_op_thread():
+    """The test models are tiny: intra-op threads only contend (tens of times slower on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,14 +14,6 @@ from conftest import SHARED_TOKENIZER
 BOS = 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """These models are tiny: intra-op threads only contend (tens of times slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 # Varied documents: plain English, punctuation, digits, leading/trailing/double spaces, newlines,
 # accented letters, non-Latin scripts and emoji (byte-fallback pieces in the generated tokenizer).
 DOCUMENTS = [

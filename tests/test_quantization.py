@@ -13,15 +13,6 @@ VOCAB, DIM = 64, 32
 FP16_MAX_NUMEL = 40  # small enough that most matrices (and resid_mix, 2 x 32) are quantized
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """These models are tiny: intra-op threads only contend (tens of times slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model(seed=0, vocab=VOCAB) -> tg.GPT:
     torch.manual_seed(seed)
     return tg.GPT(vocab, 2, DIM, 4, 2, 2.0, bigram_vocab_size=32, bigram_dim=16, bos_id=1, max_seq_len=64).float()
