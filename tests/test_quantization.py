@@ -350,3 +350,25 @@ def test_check_artifact_size_over_the_cap_says_by_how_much_and_what_to_turn():
 
 def test_check_artifact_size_allow_over_cap_returns_the_total():
     assert tg.check_artifact_size(61_234, 15_999_000, True) == 16_060_234
+
+
+def test_payload_bytes_counts_bits_per_value_row_scales_and_fp16():
+    state = {
+        "blocks.0.mlp.fc.weight": torch.zeros(8, 16),  # 128 values at 5 bits + 8 fp16 scales
+        "blocks.0.attn.q.weight": torch.zeros(16, 16),  # 256 values at 6 bits + 16 scales
+        "blocks.0.attn_scale": torch.zeros(16),  # a vector: fp16
+        "tok_emb.weight": torch.zeros(4, 4),  # 16 values, under FP16_MAX_NUMEL: fp16
+    }
+    bits = tg.parse_quant_bits(SPEC)
+    expected = (128 * 5 / 8 + 2 * 8) + (256 * 6 / 8 + 2 * 16) + 2 * 16 + 2 * 16
+    assert tg.payload_bytes(state, bits, [], 16) == int(expected)
+    assert tg.payload_bytes(state, bits, ["mlp.fc"], 16) == int(expected - (128 * 5 / 8 + 2 * 8) + 2 * 128)
+
+
+def test_packed_artifact_of_random_weights_is_near_the_payload():
+    """Random weights barely compress: the packed size lies close to the payload estimate."""
+    gen = torch.Generator().manual_seed(0)
+    state = {f"blocks.{i}.mlp.fc.weight": torch.randn(256, 128, generator=gen) for i in range(4)}
+    bits = tg.parse_quant_bits(SPEC)
+    blob, _ = tg.pack_model(state, bits, [], 0, "auto")
+    assert 0.85 < len(blob) / tg.payload_bytes(state, bits, [], 0) < 1.1
