@@ -964,6 +964,9 @@ def main() -> None:
             dist.all_reduce(reached_cap, op=dist.ReduceOp.MAX)
         last = step == args.iterations or bool(reached_cap.item())
         if args.train_log_every and (step % args.train_log_every == 0 or step <= 10 or last):
+            if world > 1:  # the whole batch's loss, as one process would log it
+                dist.all_reduce(loss)
+                loss /= world
             step_ms = train_ms / step
             left_ms = max(cap_ms - train_ms, 0.0)
             steps_left = min(args.iterations - step, int(left_ms / step_ms)) if cap_ms > 0 else args.iterations - step

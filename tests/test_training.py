@@ -208,3 +208,27 @@ def test_compile_warmup_leaves_training_unchanged(tiny_corpus, tmp_path):
     assert sorted(without) == [1, 2, 3]
     assert with_warmup == without
     assert len(set(without.values())) > 1  # the loss moves, so a stale state would show
+
+
+def test_two_processes_train_like_one(tiny_corpus, tmp_path):
+    """torchrun with 2 CPU processes (gloo): each takes 4 of the 8 micro-batches, DDP averages the
+    gradients, Muon splits its matrices between the ranks, evaluation splits the windows. The logged
+    losses (the whole batch's, all-reduced) and the final score must match one process."""
+    logs = {}
+    for world in (1, 2):
+        out = tmp_path / f"world{world}"
+        settings = tiny_config(tiny_corpus, out, ITERATIONS=8, WARMUP_STEPS=0, LR_WARMUP_STEPS=0, WARMDOWN_ITERS=4,
+                               TRAIN_BATCH_TOKENS=1024, TRAIN_LOG_EVERY=1, SWA_EVERY=2, SWA_START_FRAC=0.6)
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+                               str(SCRIPT)], cwd=tmp_path, env=clean_env(OMP_NUM_THREADS=1, **settings),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        logs[world] = (out / "train.log").read_text()
+    assert "world_size=2 grad_accum=4" in logs[2]
+    one, two = train_losses(logs[1]), train_losses(logs[2])
+    assert sorted(one) == list(range(1, 9)) and sorted(two) == sorted(one)
+    assert float(one[8]) < float(one[1]) - 0.5  # it trains, so a wrong gradient would show
+    for step in one:
+        assert abs(float(one[step]) - float(two[step])) < 2e-3, (step, one[step], two[step])
+    score = [float(FINAL_SCORE.search(log.strip().splitlines()[-1]).group(2)) for log in (logs[1], logs[2])]
+    assert abs(score[0] - score[1]) < 1e-3
