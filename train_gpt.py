@@ -22,6 +22,7 @@ import socket
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -292,7 +293,7 @@ class WeightAverager:
     def averaged(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], str]:
         if self.swa_count:
             of = "EMA" if self.ema is not None else "raw"
-            return {k: v / self.swa_count for k, v in self.swa.items()}, f"SWA over {self.swa_count} checkpoints of the {of} weights"
+            return {k: v / self.swa_count for k, v in self.swa.items()}, f"SWA over {self.swa_count} checkpoint{'s' * (self.swa_count > 1)} of the {of} weights"
         if self.ema is not None:
             return {k: v.clone() for k, v in self.ema.items()}, f"EMA (decay {self.ema_decay})"
         return {k: v.detach().float().clone() for k, v in model.state_dict().items()}, "none (final weights)"
@@ -442,15 +443,18 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def compress(raw: bytes, method: str) -> tuple[str, bytes]:
-    """(codec, bytes): zstd level 22, lzma preset 9 extreme, or whichever is smaller ("auto")."""
-    candidates = []
+    """(codec, bytes): zstd level 22, lzma preset 9 extreme, or whichever is smaller ("auto"). Both
+    release the GIL, so "auto" runs them side by side."""
+    codecs = {}
     if method in ("auto", "zstd") and zstandard is not None:
-        candidates.append(("zstd", zstandard.ZstdCompressor(level=22).compress(raw)))
+        codecs["zstd"] = lambda: zstandard.ZstdCompressor(level=22).compress(raw)
     if method in ("auto", "lzma"):
-        candidates.append(("lzma", lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)))
-    if not candidates:
+        codecs["lzma"] = lambda: lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)
+    if not codecs:
         raise SetupError(f"COMPRESSOR={method!r}: use auto, zstd or lzma (zstd needs `pip install zstandard`)")
-    return min(candidates, key=lambda c: len(c[1]))
+    with ThreadPoolExecutor(len(codecs)) as pool:
+        futures = {name: pool.submit(fn) for name, fn in codecs.items()}
+    return min(((name, f.result()) for name, f in futures.items()), key=lambda c: len(c[1]))
 
 
 def decompress(data: bytes, codec: str) -> bytes:
@@ -478,10 +482,11 @@ def pack_model(state: dict[str, torch.Tensor], bits: dict[str, int], fp16_keep: 
             q, scale = quantize_rows(t, bits[group])
             parts[0].append(q.cpu().numpy().tobytes())
             parts[1].append(scale.cpu().numpy().tobytes())
+    raws = [b"".join(values) + b"".join(scales) for values, scales in sections.values()]
+    with ThreadPoolExecutor(max(len(raws), 1)) as pool:  # a thread per section: the largest sets the time
+        packed = list(pool.map(lambda raw: compress(raw, method), raws))
     blobs, report = [], []
-    for group, (values, scales) in sections.items():
-        raw = b"".join(values) + b"".join(scales)
-        codec, blob = compress(raw, method)
+    for group, raw, (codec, blob) in zip(sections, raws, packed):
         blobs.append(blob)
         members = [e for e in entries if e["group"] == group]
         report.append(dict(group=group, codec=codec, bytes=len(blob), raw=len(raw), tensors=len(members),
