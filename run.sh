@@ -8,10 +8,11 @@ DATA_PATH=${DATA_PATH:-./data/datasets/fineweb10B_sp1024}
 if python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" && compgen -G "$DATA_PATH/fineweb_train_*.bin" >/dev/null; then
   exec torchrun --standalone --nproc_per_node="${NPROC:-$(python3 -c 'import torch; print(torch.cuda.device_count())')}" train_gpt.py
 fi
-echo "no CUDA device or no shards under $DATA_PATH: smoke run on CPU with generated data in ./smoke"
+DEVICE=$(python3 -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'a CPU')")
+echo "no CUDA device or no shards under $DATA_PATH: smoke run on $DEVICE with generated data in ./smoke"
 python3 tools/make_data.py text --out smoke/data
 exec env DATA_PATH=smoke/data TOKENIZER_PATH=smoke/data/gen_512_bpe.model VOCAB_SIZE=512 OUT_DIR="${OUT_DIR:-smoke}" \
-  NAME="CPU smoke run" BLURB="Smoke run on generated text (tools/make_data.py text), 4L 128d, ${ITERATIONS:-200} steps on a CPU: shows the format, not a FineWeb score" \
+  NAME="CPU smoke run" BLURB="Smoke run on generated text (tools/make_data.py text), 4L 128d, ${ITERATIONS:-200} steps on $DEVICE: shows the format, not a FineWeb score" \
   NUM_LAYERS=4 MODEL_DIM=128 NUM_HEADS=4 NUM_KV_HEADS=2 BIGRAM_VOCAB_SIZE=512 BIGRAM_DIM=32 \
   TRAIN_SEQ_LEN=256 TRAIN_BATCH_TOKENS=8192 ITERATIONS="${ITERATIONS:-200}" WARMUP_STEPS=0 LR_WARMUP_STEPS=10 \
   WARMDOWN_ITERS=80 MAX_WALLCLOCK_SECONDS=0 VAL_LOSS_EVERY=100 TRAIN_LOG_EVERY=25 SWA_EVERY=10 \
