@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job. With CUDA and the challenge's shards under DATA_PATH: the competition run on every GPU
 # of this machine. Otherwise: a small end-to-end smoke run (on the CPU, or one GPU if there is one),
-# on prose and a tokenizer that
-# tools/make_data.py generates (about two minutes; its score is not a FineWeb score).
+# on prose and a tokenizer that tools/make_data.py generates (about two minutes; its score is not a
+# FineWeb score).
 set -euo pipefail
 cd "$(dirname "$0")"
 DATA_PATH=${DATA_PATH:-./data/datasets/fineweb10B_sp1024}
