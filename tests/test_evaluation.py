@@ -301,20 +301,15 @@ def test_model_outputs_are_not_trivial(eval_setup):
     assert float(losses.std()) > 0.1  # otherwise context would not matter and the checks below are weak
 
 
-@pytest.mark.parametrize("seq_len,stride", [(24, 5), (32, 7), (16, 1), (24, 0), (200, 40)])
-def test_evaluate_sliding_matches_brute_force_per_target_contexts(eval_setup, seq_len, stride):
-    model, tokens, luts = eval_setup
-    loss, bpb = tg.evaluate(model, tokens, seq_len, stride, 4, luts)
-    ref_loss, ref_bpb = brute_force_per_target(model, tokens, seq_len, stride, luts)
-    assert loss == pytest.approx(ref_loss, rel=1e-6)
-    assert bpb == pytest.approx(ref_bpb, rel=1e-6)
-
-
-@pytest.mark.parametrize("seq_len,stride", [(24, 5), (32, 7), (32, 32)])
-def test_evaluate_sliding_matches_brute_force_per_window(eval_setup, seq_len, stride):
+@pytest.mark.parametrize("reference,seq_len,stride", [
+    (brute_force_per_target, 24, 5), (brute_force_per_target, 32, 7), (brute_force_per_target, 16, 1),
+    (brute_force_per_target, 24, 0), (brute_force_per_target, 200, 40),
+    (brute_force_per_window, 24, 5), (brute_force_per_window, 32, 7), (brute_force_per_window, 32, 32),
+])
+def test_evaluate_sliding_matches_brute_force(eval_setup, reference, seq_len, stride):
     model, tokens, luts = eval_setup
     loss, bpb = tg.evaluate(model, tokens, seq_len, stride, 3, luts)
-    ref_loss, ref_bpb = brute_force_per_window(model, tokens, seq_len, stride, luts)
+    ref_loss, ref_bpb = reference(model, tokens, seq_len, stride, luts)
     assert loss == pytest.approx(ref_loss, rel=1e-6)
     assert bpb == pytest.approx(ref_bpb, rel=1e-6)
 

@@ -5,6 +5,7 @@
   python3 tools/bench.py eval [--world 8]                                       # sliding-window eval time
   python3 tools/bench.py attention                                              # SDPA backends at the training shape
   python3 tools/bench.py profile                                                # GPU time per kernel of one step
+  python3 tools/bench.py pack                                                   # packing time and payload, on CPU
   python3 tools/bench.py compare A.log B.log                                    # per-step loss match
 
 `train` runs the real script (torchrun) for a fixed number of steps at whatever configuration the
@@ -183,6 +184,27 @@ def run_profile(a) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.rows, max_name_column_width=120))
 
 
+def run_pack(a) -> None:
+    """Time pack_model on the configured model (weights perturbed off their init, on the CPU) and
+    print the payload estimate the script logs before training."""
+    import torch
+    import train_gpt as tg
+    args = settings()
+    torch.manual_seed(0)
+    model = tg.build_model(args, bos_id=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p), alpha=0.01)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    bits = tg.parse_quant_bits(args.quant_bits)
+    payload = tg.payload_bytes(state, bits, [], args.fp16_max_numel)
+    t0 = time.perf_counter()
+    blob, report = tg.pack_model(state, bits, [], args.fp16_max_numel, args.compressor)
+    print(f"config: {args.num_layers}L {args.model_dim}d MLP{args.mlp_mult:g}, {args.quant_bits}, {args.compressor}; "
+          f"payload {payload:,} bytes; packed {len(blob):,} bytes in {time.perf_counter() - t0:.1f}s "
+          "(" + ", ".join(f"{r['group']}:{r['codec']}" for r in report) + ")")
+
+
 def median_ms(fn, warmup: int = 5, reps: int = 20) -> float:
     import torch
     for _ in range(warmup):
@@ -224,12 +246,13 @@ def main() -> None:
     e = sub.add_parser("eval")
     e.add_argument("--world", type=int, default=8)
     sub.add_parser("attention")
+    sub.add_parser("pack")
     p = sub.add_parser("profile")
     p.add_argument("--rows", type=int, default=30)
     c = sub.add_parser("compare")
     c.add_argument("logs", nargs=2)
     a = ap.parse_args()
-    {"train": run_train, "eval": run_eval, "attention": run_attention, "profile": run_profile, "compare": run_compare}[a.mode](a)
+    {"train": run_train, "eval": run_eval, "attention": run_attention, "profile": run_profile, "pack": run_pack, "compare": run_compare}[a.mode](a)
 
 
 if __name__ == "__main__":
