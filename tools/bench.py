@@ -5,6 +5,7 @@
   python3 tools/bench.py eval [--world 8]                                       # sliding-window eval time
   python3 tools/bench.py attention                                              # SDPA backends at the training shape
   python3 tools/bench.py profile                                                # GPU time per kernel of one step
+  python3 tools/bench.py step [--steps 10]                                      # ms per bare training step
   python3 tools/bench.py pack                                                   # packing time and payload, on CPU
   python3 tools/bench.py compare A.log B.log                                    # per-step loss match
 
@@ -152,11 +153,10 @@ def run_attention(a) -> None:
                 print(f"  {backend.name:<20} {label:<13} unsupported: {str(err).splitlines()[0][:90]}")
 
 
-def run_profile(a) -> None:
-    """Where one training step's GPU time goes: the script's own model, optimizers and step on random
-    tokens, two steps under torch.profiler after three warm-up steps; kernels by total time."""
+def training_step():
+    """The script's own model, optimizers and training step (8 micro-steps, clip, optimizer steps) on
+    random tokens, compiled as the script compiles it; returns a function that runs one step."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
     import train_gpt as tg
     args = settings()
     device = torch.device("cuda")
@@ -175,7 +175,33 @@ def run_profile(a) -> None:
         for opt in optimizers:
             opt.step()
         torch.cuda.synchronize()
+    return step
 
+
+def run_step(a) -> None:
+    """ms per training step without the script's data loading, logging and packing: a quick way to
+    compare compiler settings or kernels (one process per variant, set through the environment)."""
+    import torch
+    t0 = time.perf_counter()
+    step = training_step()
+    for _ in range(3):
+        step()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(a.steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(1000 * (time.perf_counter() - t0))
+    times.sort()
+    print(f"step: median {times[len(times) // 2]:.1f} ms, min {times[0]:.1f}, max {times[-1]:.1f} over {a.steps} steps "
+          f"(compile and 3 warm-up steps {compile_s:.0f}s), peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+
+
+def run_profile(a) -> None:
+    """Where one training step's GPU time goes: two steps under torch.profiler after three warm-up
+    steps; kernels by total time."""
+    from torch.profiler import ProfilerActivity, profile
+    step = training_step()
     for _ in range(3):
         step()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -247,12 +273,14 @@ def main() -> None:
     e.add_argument("--world", type=int, default=8)
     sub.add_parser("attention")
     sub.add_parser("pack")
+    st = sub.add_parser("step")
+    st.add_argument("--steps", type=int, default=10)
     p = sub.add_parser("profile")
     p.add_argument("--rows", type=int, default=30)
     c = sub.add_parser("compare")
     c.add_argument("logs", nargs=2)
     a = ap.parse_args()
-    {"train": run_train, "eval": run_eval, "attention": run_attention, "profile": run_profile, "pack": run_pack, "compare": run_compare}[a.mode](a)
+    {"train": run_train, "eval": run_eval, "attention": run_attention, "profile": run_profile, "step": run_step, "pack": run_pack, "compare": run_compare}[a.mode](a)
 
 
 if __name__ == "__main__":
