@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 import torch
+import torch._inductor.config as inductor_config
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
@@ -45,6 +46,12 @@ except ImportError:
     flash_attn_3 = None
 
 ARTIFACT_CAP_BYTES = 16_000_000
+
+# Inductor's "mix-order reduction" fuses the embedding's gradient with the column sums of the per-channel
+# gains into one kernel that ran at a tenth of memory bandwidth: 105 ms of each step on H100
+# (tools/bench.py profile). Turning it off took the bare step from 708 to 629 ms (tools/bench.py step).
+if hasattr(inductor_config.triton, "mix_order_reduction"):
+    inductor_config.triton.mix_order_reduction = False
 
 
 class SetupError(Exception):
@@ -209,22 +216,24 @@ class Muon(torch.optim.Optimizer):
             for shape, params in by_shape.items():
                 view = flat[offset : offset + len(params) * params[0].numel()].view(len(params), *shape)
                 offset += view.numel()
-                mine = list(range(rank, len(params), world))
+                mine = params[rank::world]  # a slice, not an index list: no host-to-device copy, no sync
                 if mine:
-                    grads = torch.stack([self._nesterov(params[i], group["momentum"]) for i in mine])
-                    view[mine] = orthogonalize(grads, group["ns_steps"]) * max(1.0, shape[0] / shape[1]) ** 0.5
+                    grads = torch.stack(self._nesterov(mine, group["momentum"]))
+                    view[rank::world] = orthogonalize(grads, group["ns_steps"]) * max(1.0, shape[0] / shape[1]) ** 0.5
                 views.append((params, view))
             if world > 1:
                 dist.all_reduce(flat)
-            for params, view in views:
-                for p, update in zip(params, view):
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                    p.add_(update.to(p.dtype), alpha=-group["lr"])
+            params = [p for ps, _ in views for p in ps]
+            updates = [u.to(p.dtype) for ps, view in views for p, u in zip(ps, view)]
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            torch._foreach_add_(params, updates, alpha=-group["lr"])
 
-    def _nesterov(self, p: torch.Tensor, momentum: float) -> torch.Tensor:
-        buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-        buf.mul_(momentum).add_(p.grad)
-        return p.grad.add(buf, alpha=momentum)
+    def _nesterov(self, params: list[torch.Tensor], momentum: float) -> list[torch.Tensor]:
+        bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+        grads = [p.grad for p in params]
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_add_(bufs, grads)
+        return torch._foreach_add(grads, bufs, alpha=momentum)
 
 
 def build_optimizers(model: nn.Module, args) -> list[torch.optim.Optimizer]:
@@ -691,10 +700,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
-        v = self.v(x).view(b, t, self.kv_heads, self.head_dim)
+        # One matmul for q, k and v reads x once; the three stay separate matrices for Muon and packing.
+        qkv = F.linear(x, torch.cat((self.q.weight, self.k.weight, self.v.weight)))
+        q, k, v = qkv.split((d, self.k.out_features, self.v.out_features), dim=-1)
+        v = v.view(b, t, self.kv_heads, self.head_dim)
         # Normalized q and k keep attention logits bounded; the learned gain sets their temperature.
-        q = rms_norm(self.q(x).view(b, t, self.heads, self.head_dim)) * self.q_gain[:, None].to(v.dtype)
-        k = rms_norm(self.k(x).view(b, t, self.kv_heads, self.head_dim))
+        q = rms_norm(q.view(b, t, self.heads, self.head_dim)) * self.q_gain[:, None].to(v.dtype)
+        k = rms_norm(k.view(b, t, self.kv_heads, self.head_dim))
         q, k = apply_rotary(q.to(v.dtype), self.cos, self.sin), apply_rotary(k.to(v.dtype), self.cos, self.sin)
         return self.proj(causal_attention(q, k, v).reshape(b, t, d))
 
@@ -1040,6 +1052,12 @@ def main() -> None:
     log(f"final_score val_loss:{q_loss:.8f} val_bpb:{q_bpb:.8f} eval:{mode} seq_len:{eval_seq_len} "
         f"stride:{args.eval_stride if mode == 'sliding' else eval_seq_len} bytes_total:{bytes_total}")
     if world > 1:
+        # Gloo's worker threads need the GIL to free a finished collective's tensors, and the group's
+        # destructor joins them while holding it: a rank that tore the group down right after its last
+        # collective hung at exit now and then (CPU tests, torch 2.13). After the barrier no collective
+        # is left, and the sleep hands the GIL to the workers so they can free what they hold.
+        dist.barrier()
+        time.sleep(0.2)
         dist.destroy_process_group()
 
 

@@ -278,6 +278,34 @@ def test_unet_skip_weights_reach_the_loss():
 # -- init ----------------------------------------------------------------------------------------
 
 
+def test_attention_fused_qkv_equals_three_separate_projections_and_their_grads():
+    """Attention computes q, k and v in one matmul over the concatenated weights; the result and each
+    weight's gradient must be those of the three separate projections."""
+    torch.manual_seed(7)
+    attn = tg.Attention(DIM, HEADS, KV_HEADS, rope_base=10000.0, qk_gain=1.5, max_seq_len=16)
+    x = torch.randn(2, 16, DIM)
+
+    def reference(x):
+        b, t, _ = x.shape
+        q = tg.rms_norm(attn.q(x).view(b, t, HEADS, -1)) * attn.q_gain[:, None]
+        k = tg.rms_norm(attn.k(x).view(b, t, KV_HEADS, -1))
+        v = attn.v(x).view(b, t, KV_HEADS, -1)
+        q, k = tg.apply_rotary(q, attn.cos, attn.sin), tg.apply_rotary(k, attn.cos, attn.sin)
+        return attn.proj(tg.causal_attention(q, k, v).reshape(b, t, DIM))
+
+    grads = []
+    for fn in (attn, reference):
+        attn.zero_grad()
+        out = fn(x)
+        out.square().sum().backward()
+        grads.append((out.detach(), [attn.q.weight.grad.clone(), attn.k.weight.grad.clone(), attn.v.weight.grad.clone()]))
+    (fused, fused_grads), (ref, ref_grads) = grads
+    torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-5)
+    for got, want in zip(fused_grads, ref_grads):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_orthogonal_init_of_attention_and_mlp_matrices():
     num_layers = 4
     model = make_model(num_layers=num_layers, bigram=32)
