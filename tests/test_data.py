@@ -51,77 +51,33 @@ def test_read_shard_accepts_an_empty_shard(tmp_path):
     assert tg.read_shard(path, vocab_size=16).size == 0
 
 
-def test_read_shard_rejects_file_shorter_than_header(tmp_path):
-    path = tmp_path / "short.bin"
-    path.write_bytes(_header(count=3)[:100])
+def _shard_bytes(tokens) -> bytes:
+    return _header(count=len(tokens)) + np.asarray(tokens, dtype="<u2").tobytes()
+
+
+BAD_SHARDS = {
+    # name: (file contents, fragments the one-line error must contain besides the path)
+    "shorter_than_header": (_header(count=3)[:100], ["100 bytes", "header", "fetch it again"]),
+    "empty_file": (b"", ["shorter than the 1024-byte header"]),
+    "wrong_magic": (_header(magic=12345, count=2) + _shard_bytes([1, 2])[1024:],
+                    ["magic 12345", str(tg.SHARD_MAGIC), "regenerate"]),
+    "wrong_version": (_header(version=2, count=2) + _shard_bytes([1, 2])[1024:], ["version 2", "regenerate"]),
+    "truncated": (_shard_bytes(range(100))[:-10], ["100 tokens", str(1024 + 200 - 10), "truncated", "fetch it again"]),
+    "longer_than_header_count": (_shard_bytes(range(10)) + b"\x00\x00", ["header promises 10 tokens"]),
+    "token_id_at_vocab_size": (_shard_bytes([5, 1, 512, 3]), ["token id 512", "VOCAB_SIZE=512", "TOKENIZER_PATH"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SHARDS)
+def test_read_shard_rejects_a_bad_file_naming_it_and_the_fix(tmp_path, case):
+    contents, fragments = BAD_SHARDS[case]
+    path = tmp_path / f"{case}.bin"
+    path.write_bytes(contents)
     with pytest.raises(tg.SetupError) as err:
         tg.read_shard(path, vocab_size=512)
     msg = str(err.value)
-    assert str(path) in msg
-    assert "100 bytes" in msg and "header" in msg
-    assert "fetch it again" in msg
-
-
-def test_read_shard_rejects_empty_file(tmp_path):
-    path = tmp_path / "zero.bin"
-    path.write_bytes(b"")
-    with pytest.raises(tg.SetupError, match="shorter than the 1024-byte header") as err:
-        tg.read_shard(path, vocab_size=512)
-    assert str(path) in str(err.value)
-
-
-def test_read_shard_rejects_wrong_magic(tmp_path):
-    path = tmp_path / "magic.bin"
-    path.write_bytes(_header(magic=12345, count=2) + np.array([1, 2], dtype="<u2").tobytes())
-    with pytest.raises(tg.SetupError) as err:
-        tg.read_shard(path, vocab_size=512)
-    msg = str(err.value)
-    assert str(path) in msg
-    assert "magic 12345" in msg and str(tg.SHARD_MAGIC) in msg
-    assert "regenerate" in msg
-
-
-def test_read_shard_rejects_wrong_version(tmp_path):
-    path = tmp_path / "version.bin"
-    path.write_bytes(_header(version=2, count=2) + np.array([1, 2], dtype="<u2").tobytes())
-    with pytest.raises(tg.SetupError) as err:
-        tg.read_shard(path, vocab_size=512)
-    msg = str(err.value)
-    assert str(path) in msg
-    assert "version 2" in msg
-    assert "regenerate" in msg
-
-
-def test_read_shard_rejects_truncated_file(tmp_path):
-    path = tmp_path / "truncated.bin"
-    write_shard(path, np.arange(100))
-    path.write_bytes(path.read_bytes()[:-10])  # header still says 100 tokens
-    with pytest.raises(tg.SetupError) as err:
-        tg.read_shard(path, vocab_size=512)
-    msg = str(err.value)
-    assert str(path) in msg
-    assert "100 tokens" in msg and str(1024 + 200 - 10) in msg
-    assert "truncated" in msg and "fetch it again" in msg
-
-
-def test_read_shard_rejects_file_longer_than_header_count(tmp_path):
-    path = tmp_path / "long.bin"
-    write_shard(path, np.arange(10))
-    path.write_bytes(path.read_bytes() + b"\x00\x00")
-    with pytest.raises(tg.SetupError, match="header promises 10 tokens") as err:
-        tg.read_shard(path, vocab_size=512)
-    assert str(path) in str(err.value)
-
-
-def test_read_shard_rejects_token_id_at_or_above_vocab_size(tmp_path):
-    path = tmp_path / "vocab.bin"
-    write_shard(path, [5, 1, 512, 3])
-    with pytest.raises(tg.SetupError) as err:
-        tg.read_shard(path, vocab_size=512)
-    msg = str(err.value)
-    assert str(path) in msg
-    assert "token id 512" in msg and "VOCAB_SIZE=512" in msg
-    assert "TOKENIZER_PATH" in msg
+    for fragment in [str(path)] + fragments:
+        assert fragment in msg, (fragment, msg)
 
 
 # -- shard_paths and load_val_tokens -------------------------------------------------------------
