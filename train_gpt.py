@@ -44,6 +44,11 @@ try:
     from flash_attn_interface import flash_attn_func as flash_attn_3
 except ImportError:
     flash_attn_3 = None
+try:  # ships with CUDA builds of torch; without it the model runs its plain PyTorch path
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
 ARTIFACT_CAP_BYTES = 16_000_000
 
@@ -289,10 +294,13 @@ class WeightAverager:
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int, lr_mul: float) -> None:
+        snapshot = self.swa_every > 0 and lr_mul < self.swa_start_frac and step % self.swa_every == 0
+        if self.ema is None and not snapshot:
+            return
         current = model.state_dict()
         if self.ema is not None:
             torch._foreach_lerp_(list(self.ema.values()), [current[k].float() for k in self.ema], 1 - self.ema_decay)
-        if self.swa_every > 0 and lr_mul < self.swa_start_frac and step % self.swa_every == 0:
+        if snapshot:
             source = self.ema if self.ema is not None else {k: v.float() for k, v in current.items()}
             if self.swa is None:
                 self.swa = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in source.items()}
@@ -451,18 +459,22 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.float()[:, None]
 
 
+def codec_names(method: str) -> list[str]:
+    """The codecs that COMPRESSOR asks for and this machine has."""
+    names = [name for name in ("zstd", "lzma") if method in ("auto", name) and (name != "zstd" or zstandard)]
+    if not names:
+        raise SetupError(f"COMPRESSOR={method!r}: use auto, zstd or lzma (zstd needs `pip install zstandard`)")
+    return names
+
+
 def compress(raw: bytes, method: str) -> tuple[str, bytes]:
     """(codec, bytes): zstd level 22, lzma preset 9 extreme, or whichever is smaller ("auto"). Both
     release the GIL, so "auto" runs them side by side."""
-    codecs = {}
-    if method in ("auto", "zstd") and zstandard is not None:
-        codecs["zstd"] = lambda: zstandard.ZstdCompressor(level=22).compress(raw)
-    if method in ("auto", "lzma"):
-        codecs["lzma"] = lambda: lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)
-    if not codecs:
-        raise SetupError(f"COMPRESSOR={method!r}: use auto, zstd or lzma (zstd needs `pip install zstandard`)")
-    with ThreadPoolExecutor(len(codecs)) as pool:
-        futures = {name: pool.submit(fn) for name, fn in codecs.items()}
+    codecs = {"zstd": lambda: zstandard.ZstdCompressor(level=22).compress(raw),
+              "lzma": lambda: lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)}
+    names = codec_names(method)
+    with ThreadPoolExecutor(len(names)) as pool:
+        futures = {name: pool.submit(codecs[name]) for name in names}
     return min(((name, f.result()) for name, f in futures.items()), key=lambda c: len(c[1]))
 
 
@@ -652,8 +664,15 @@ class DistributedTokenLoader:
 # Model
 
 
+def stream_dtype(device: torch.device) -> torch.dtype:
+    """The residual stream's dtype: bf16 under autocast (as in the challenge's baseline), which halves the
+    bytes of every memory-bound norm and residual kernel (bare step 615 -> 561 ms on H100); fp32 on CPU."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else torch.float32
+
+
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+    """In fp32, as autocast runs it anyway, so eps is always float32's."""
+    return F.rms_norm(x.float(), (x.size(-1),))
 
 
 def rotary_tables(seq_len: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -667,6 +686,160 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     x1, x2 = x[..., :half], x[..., half:]
     cos, sin = cos[:, : x.size(1)].to(x.dtype), sin[:, : x.size(1)].to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+def qk_norm_rotary_reference(qkv: torch.Tensor, gain: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                             heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split the fused projection (b, t, (heads + 2 kv_heads) head_dim) into q, k, v of (b, t, heads,
+    head_dim). Normalized q and k keep attention logits bounded, the learned per-head gain sets their
+    temperature, and both are rotated by position."""
+    b, t, width = qkv.shape
+    head_dim = 2 * cos.size(-1)
+    kv_heads = (width // head_dim - heads) // 2
+    q, k, v = qkv.split((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), dim=-1)
+    q = rms_norm(q.view(b, t, heads, head_dim)) * gain[:, None].to(qkv.dtype)
+    k = rms_norm(k.view(b, t, kv_heads, head_dim))
+    q, k = apply_rotary(q.to(qkv.dtype), cos, sin), apply_rotary(k.to(qkv.dtype), cos, sin)
+    return q, k, v.view(b, t, kv_heads, head_dim)
+
+
+# The same function as one Triton kernel each way. Compiled, the plain version took five kernels and
+# ~600 us per layer and micro-batch (forward and backward) on H100 at the training shape, several
+# times its bytes at memory bandwidth. The kernels compute in fp32 and round where the plain version
+# rounds to bf16. Each program takes BLOCK tokens (rows of qkv) and walks every q and k head.
+if triton is not None:
+
+    @triton.jit
+    def _rotary_tables(cos, sin, pos, cols, mask, HALF: tl.constexpr):
+        at = pos[:, None] * HALF + cols[None, :]
+        c = tl.load(cos + at, mask=mask, other=0.0).to(tl.bfloat16).to(tl.float32)
+        s = tl.load(sin + at, mask=mask, other=0.0).to(tl.bfloat16).to(tl.float32)
+        return c, s
+
+    @triton.jit
+    def _qk_norm_rotary_fwd(qkv, gain, cos, sin, q_out, k_out, v_out, n_rows, seq_len, eps,
+                            HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
+        D: tl.constexpr = 2 * HALF
+        WIDTH: tl.constexpr = (HEADS + 2 * KV_HEADS) * D
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        cols = tl.arange(0, HALF)
+        mask = (rows < n_rows)[:, None]
+        c, s = _rotary_tables(cos, sin, rows % seq_len, cols, mask, HALF)
+        src = qkv + rows[:, None] * WIDTH + cols[None, :]
+        for h in tl.static_range(HEADS + KV_HEADS):
+            x1 = tl.load(src + h * D, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(src + h * D + HALF, mask=mask, other=0.0).to(tl.float32)
+            r = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / D + eps)[:, None]
+            if h < HEADS:
+                g = tl.load(gain + h).to(tl.bfloat16).to(tl.float32)
+                dst = q_out + rows[:, None] * (HEADS * D) + h * D + cols[None, :]
+            else:
+                g = 1.0
+                dst = k_out + rows[:, None] * (KV_HEADS * D) + (h - HEADS) * D + cols[None, :]
+            y1 = (x1 * r * g).to(tl.bfloat16).to(tl.float32)
+            y2 = (x2 * r * g).to(tl.bfloat16).to(tl.float32)
+            tl.store(dst, (y1 * c - y2 * s).to(tl.bfloat16), mask=mask)
+            tl.store(dst + HALF, (y1 * s + y2 * c).to(tl.bfloat16), mask=mask)
+        vcols = tl.arange(0, KV_HEADS * D)
+        v = tl.load(qkv + rows[:, None] * WIDTH + (HEADS + KV_HEADS) * D + vcols[None, :], mask=mask)
+        tl.store(v_out + rows[:, None] * (KV_HEADS * D) + vcols[None, :], v, mask=mask)
+
+    @triton.jit
+    def _qk_norm_rotary_bwd(qkv, gain, cos, sin, dq, dk, dv, dqkv, dgain_parts, n_rows, seq_len, eps,
+                            dq_b, dq_t, dq_h, dk_b, dk_t, dk_h, dv_b, dv_t, dv_h,
+                            HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
+        D: tl.constexpr = 2 * HALF
+        WIDTH: tl.constexpr = (HEADS + 2 * KV_HEADS) * D
+        pid = tl.program_id(0)
+        rows = pid * BLOCK + tl.arange(0, BLOCK)
+        cols = tl.arange(0, HALF)
+        mask = (rows < n_rows)[:, None]
+        pos, seq = rows % seq_len, rows // seq_len
+        c, s = _rotary_tables(cos, sin, pos, cols, mask, HALF)
+        src = qkv + rows[:, None] * WIDTH + cols[None, :]
+        dst = dqkv + rows[:, None] * WIDTH + cols[None, :]
+        for h in tl.static_range(HEADS + KV_HEADS):
+            x1 = tl.load(src + h * D, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(src + h * D + HALF, mask=mask, other=0.0).to(tl.float32)
+            r = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / D + eps)[:, None]
+            n1, n2 = x1 * r, x2 * r
+            if h < HEADS:
+                g = tl.load(gain + h).to(tl.bfloat16).to(tl.float32)
+                grad = dq + seq[:, None] * dq_b + pos[:, None] * dq_t + h * dq_h + cols[None, :]
+            else:
+                g = 1.0
+                grad = dk + seq[:, None] * dk_b + pos[:, None] * dk_t + (h - HEADS) * dk_h + cols[None, :]
+            o1 = tl.load(grad, mask=mask, other=0.0).to(tl.float32)
+            o2 = tl.load(grad + HALF, mask=mask, other=0.0).to(tl.float32)
+            dy1, dy2 = o1 * c + o2 * s, o2 * c - o1 * s  # the rotation's transpose
+            if h < HEADS:
+                tl.store(dgain_parts + pid * HEADS + h, tl.sum(dy1 * n1 + dy2 * n2))
+            dn1, dn2 = dy1 * g, dy2 * g
+            proj = (tl.sum(dn1 * n1, 1) + tl.sum(dn2 * n2, 1))[:, None] / D
+            tl.store(dst + h * D, ((dn1 - n1 * proj) * r).to(tl.bfloat16), mask=mask)
+            tl.store(dst + h * D + HALF, ((dn2 - n2 * proj) * r).to(tl.bfloat16), mask=mask)
+        vcols = tl.arange(0, KV_HEADS * D)
+        grad = dv + seq[:, None] * dv_b + pos[:, None] * dv_t + (vcols // D)[None, :] * dv_h + (vcols % D)[None, :]
+        tl.store(dqkv + rows[:, None] * WIDTH + (HEADS + KV_HEADS) * D + vcols[None, :], tl.load(grad, mask=mask), mask=mask)
+
+    _QK_BLOCK = 32
+    _F32_EPS = torch.finfo(torch.float32).eps
+
+    @torch.library.custom_op("pgolf::qk_norm_rotary", mutates_args=())
+    def _qk_norm_rotary_op(qkv: torch.Tensor, gain: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, width = qkv.shape
+        head_dim = 2 * cos.size(-1)
+        kv_heads = (width // head_dim - heads) // 2
+        q = qkv.new_empty(b, t, heads, head_dim)
+        k, v = (qkv.new_empty(b, t, kv_heads, head_dim) for _ in range(2))
+        grid = (triton.cdiv(b * t, _QK_BLOCK),)
+        _qk_norm_rotary_fwd[grid](qkv, gain, cos, sin, q, k, v, b * t, t, _F32_EPS,
+                                  heads, kv_heads, head_dim // 2, _QK_BLOCK)
+        return q, k, v
+
+    @_qk_norm_rotary_op.register_fake
+    def _(qkv, gain, cos, sin, heads):
+        b, t, width = qkv.shape
+        head_dim = 2 * cos.size(-1)
+        kv_heads = (width // head_dim - heads) // 2
+        return qkv.new_empty(b, t, heads, head_dim), qkv.new_empty(b, t, kv_heads, head_dim), qkv.new_empty(b, t, kv_heads, head_dim)
+
+    @torch.library.custom_op("pgolf::qk_norm_rotary_backward", mutates_args=())
+    def _qk_norm_rotary_backward_op(qkv: torch.Tensor, gain: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                                    dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t, _ = qkv.shape
+        heads, kv_heads, half = dq.size(2), dk.size(2), cos.size(-1)
+        dq, dk, dv = (g if g.stride(-1) == 1 else g.contiguous() for g in (dq, dk, dv))
+        grid = (triton.cdiv(b * t, _QK_BLOCK),)
+        dqkv = torch.empty_like(qkv)
+        parts = torch.empty(grid[0], heads, device=qkv.device, dtype=torch.float32)
+        _qk_norm_rotary_bwd[grid](qkv, gain, cos, sin, dq, dk, dv, dqkv, parts, b * t, t, _F32_EPS,
+                                  *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+                                  heads, kv_heads, half, _QK_BLOCK)
+        return dqkv, parts.sum(0).to(gain.dtype)
+
+    @_qk_norm_rotary_backward_op.register_fake
+    def _(qkv, gain, cos, sin, dq, dk, dv):
+        return torch.empty_like(qkv), torch.empty_like(gain)
+
+    def _qk_norm_rotary_setup(ctx, inputs, output):
+        qkv, gain, cos, sin, _ = inputs
+        ctx.save_for_backward(qkv, gain, cos, sin)
+
+    def _qk_norm_rotary_grad(ctx, dq, dk, dv):
+        dqkv, dgain = torch.ops.pgolf.qk_norm_rotary_backward(*ctx.saved_tensors, dq, dk, dv)
+        return dqkv, dgain, None, None, None
+
+    _qk_norm_rotary_op.register_autograd(_qk_norm_rotary_grad, setup_context=_qk_norm_rotary_setup)
+
+
+def qk_norm_rotary(qkv: torch.Tensor, gain: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qk_norm_rotary_reference, through the Triton kernels for bf16 on a GPU."""
+    if triton is not None and qkv.is_cuda and qkv.dtype == torch.bfloat16:
+        return torch.ops.pgolf.qk_norm_rotary(qkv, gain, cos[:, : qkv.size(1)], sin[:, : qkv.size(1)], heads)
+    return qk_norm_rotary_reference(qkv, gain, cos, sin, heads)
 
 
 # cuDNN's fused attention ran 1.5x flash's at the training shape on H100 (tools/bench.py attention).
@@ -702,12 +875,7 @@ class Attention(nn.Module):
         b, t, d = x.shape
         # One matmul for q, k and v reads x once; the three stay separate matrices for Muon and packing.
         qkv = F.linear(x, torch.cat((self.q.weight, self.k.weight, self.v.weight)))
-        q, k, v = qkv.split((d, self.k.out_features, self.v.out_features), dim=-1)
-        v = v.view(b, t, self.kv_heads, self.head_dim)
-        # Normalized q and k keep attention logits bounded; the learned gain sets their temperature.
-        q = rms_norm(q.view(b, t, self.heads, self.head_dim)) * self.q_gain[:, None].to(v.dtype)
-        k = rms_norm(k.view(b, t, self.kv_heads, self.head_dim))
-        q, k = apply_rotary(q.to(v.dtype), self.cos, self.sin), apply_rotary(k.to(v.dtype), self.cos, self.sin)
+        q, k, v = qk_norm_rotary(qkv, self.q_gain, self.cos, self.sin, self.heads)
         return self.proj(causal_attention(q, k, v).reshape(b, t, d))
 
 
@@ -733,9 +901,10 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(dim), torch.zeros(dim)]))
 
     def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        x = self.resid_mix[0] * x + self.resid_mix[1] * x0
-        x = x + self.attn_scale * self.attn(rms_norm(x))
-        return x + self.mlp_scale * self.mlp(rms_norm(x))
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
 
 
 class SmearGate(nn.Module):
@@ -809,14 +978,14 @@ class GPT(nn.Module):
         """Per-token cross-entropy in nats, shape of targets."""
         starts = ids == self.bos_id
         starts[:, 0] = True
-        x = self.tok_emb(ids)
+        x = self.tok_emb(ids).to(stream_dtype(ids.device))
         if self.bigram is not None:
             x = x + self.bigram(ids, starts)
-        x = x0 = rms_norm(self.smear(x, starts))
+        x = x0 = rms_norm(self.smear(x, starts)).to(x.dtype)
         skips = []
         for i, block in enumerate(self.blocks):
             if i >= self.num_encoder and skips:
-                x = x + self.skip_weights[i - self.num_encoder] * skips.pop()
+                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
             x = block(x, x0)
             if i < self.num_encoder:
                 skips.append(x)
@@ -848,6 +1017,35 @@ def accumulate_gradients(model: nn.Module, batches, micro_steps: int, device: to
         (loss / micro_steps).backward()
         total += loss.detach()
     return total / micro_steps
+
+
+class StepClock:
+    """Milliseconds of training at marks in the GPU's queue (CUDA events), so the end of one step can be read
+    while the next is queued; the host clock on the CPU. restart() continues from a given time after a
+    pause that is not training (validation)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.restart(0.0)
+
+    def restart(self, ms: float) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.base_ms, self.start = ms, self.mark()
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def ms(self, mark) -> float:
+        """The time at the mark, once the GPU has reached it."""
+        if not self.cuda:
+            return self.base_ms + 1000 * (mark - self.start)
+        mark.synchronize()
+        return self.base_ms + self.start.elapsed_time(mark)
 
 
 class Logger:
@@ -896,6 +1094,7 @@ def main() -> None:
     for warning in unknown_settings():
         log(f"WARNING: {warning}")
     quant_bits = parse_quant_bits(args.quant_bits)
+    codec_names(args.compressor)  # a bad COMPRESSOR fails now, not after training
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -966,36 +1165,58 @@ def main() -> None:
         loader.reset()
         log(f"warm-up: {args.warmup_steps} steps in {sync_time() - t0:.1f}s (compile), state restored")
 
-    averager = WeightAverager(base_model, args.ema_decay, args.swa_start_frac, args.swa_every)
     cap_ms = 1000 * args.max_wallclock_seconds
-    train_ms, step = 0.0, 0
-    t0 = sync_time()
-    while step < args.iterations:
-        loss, lr_mul = train_step(step, train_ms)
-        step += 1
-        averager.update(base_model, step, lr_mul)
-        train_ms += 1000 * (sync_time() - t0)
-        t0 = time.perf_counter()
-        reached_cap = torch.tensor(float(cap_ms > 0 and train_ms >= cap_ms), device=device)
-        if world > 1:
-            dist.all_reduce(reached_cap, op=dist.ReduceOp.MAX)
-        last = step == args.iterations or bool(reached_cap.item())
+    clock_group = dist.new_group(backend="gloo") if world > 1 else None
+
+    def agreed(ms: float) -> float:
+        """The largest time over ranks, so every rank takes the same LR and stop decision. A CPU collective:
+        one on the GPU would have to wait for the step in flight."""
+        if clock_group is None:
+            return ms
+        t = torch.tensor(ms, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=clock_group)
+        return t.item()
+
+    def finish(step: int, lr_mul: float, loss: torch.Tensor, mark, last: bool) -> float:
+        """Wait for a queued step, log it, and return the training time at its end."""
+        ms = agreed(clock.ms(mark))
         if args.train_log_every and (step % args.train_log_every == 0 or step <= 10 or last):
-            if world > 1:  # the whole batch's loss, as one process would log it
-                dist.all_reduce(loss)
-                loss /= world
-            step_ms = train_ms / step
-            left_ms = max(cap_ms - train_ms, 0.0)
+            step_ms = ms / step
+            left_ms = max(cap_ms - ms, 0.0)
             steps_left = min(args.iterations - step, int(left_ms / step_ms)) if cap_ms > 0 else args.iterations - step
             log(f"step:{step}/{args.iterations} train_loss:{loss.item():.4f} lr_mul:{lr_mul:.3f} "
-                f"train_time:{train_ms:.0f}ms step_avg:{step_ms:.2f}ms steps_left:~{steps_left}"
+                f"train_time:{ms:.0f}ms step_avg:{step_ms:.2f}ms steps_left:~{steps_left}"
                 + (f" time_left:{left_ms / 1000:.1f}s" if cap_ms > 0 else ""))
-        if args.val_loss_every and step % args.val_loss_every == 0 and not last:
+        return ms
+
+    # The loop never waits for the step it has just queued: it finishes the one before, which the GPU has
+    # done by then, and predicts that the one in flight takes as long. Waiting for the step just queued
+    # would leave the GPU idle while the CPU queues the next (~3 ms a step on H100).
+    averager = WeightAverager(base_model, args.ema_decay, args.swa_start_frac, args.swa_every)
+    clock = StepClock(device)
+    train_ms, step_ms, predicted_ms, step, in_flight, last = 0.0, 0.0, 0.0, 0, None, False
+    while not last:
+        loss, lr_mul = train_step(step, predicted_ms)
+        step += 1
+        averager.update(base_model, step, lr_mul)
+        if world > 1:  # the whole batch's loss, as one process would log it
+            dist.all_reduce(loss)
+            loss /= world
+        queued = (step, lr_mul, loss.to("cpu", non_blocking=True), clock.mark())
+        if in_flight:
+            before_ms, train_ms = train_ms, finish(*in_flight, last=False)
+            step_ms = train_ms - before_ms
+        in_flight = queued
+        predicted_ms = train_ms + step_ms  # the end of the step in flight
+        last = step == args.iterations or 0 < cap_ms <= predicted_ms
+        validate = args.val_loss_every and step % args.val_loss_every == 0 and not last
+        if last or validate:
+            before_ms, train_ms = train_ms, finish(*in_flight, last=last)
+            step_ms, predicted_ms, in_flight = train_ms - before_ms, train_ms, None
+        if validate:
             vl, vb = evaluate(compiled, val_tokens, args.train_seq_len, 0, args.eval_batch_seqs, luts, rank, world)
             log(f"step:{step} val_loss:{vl:.4f} val_bpb:{vb:.4f} (plain, current weights)")
-            t0 = sync_time()  # validation time is not training time
-        if last:
-            break
+            clock.restart(train_ms)  # validation time is not training time
     log(f"training: {step} steps in {train_ms / 1000:.1f}s ({train_ms / max(step, 1):.2f}ms/step)"
         + (f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else ""))
 

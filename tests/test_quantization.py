@@ -228,6 +228,14 @@ def test_unknown_compressor_raises_setup_error(packed_setup):
         tg.pack_model(state, bits, keep, FP16_MAX_NUMEL, "gzip")
 
 
+def test_zstd_without_zstandard_is_a_setup_error_and_auto_falls_back_to_lzma(monkeypatch):
+    monkeypatch.setattr(tg, "zstandard", None)
+    with pytest.raises(tg.SetupError, match="pip install zstandard"):
+        tg.codec_names("zstd")
+    assert tg.codec_names("auto") == ["lzma"]
+    assert tg.codec_names("lzma") == ["lzma"]
+
+
 def test_unpack_rejects_bad_magic(packed_setup):
     blob = packed_setup[3]
     with pytest.raises(tg.SetupError, match="magic"):

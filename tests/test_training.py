@@ -169,6 +169,7 @@ def test_fresh_machine_without_shards_exits_2_naming_the_missing_shards(tiny_cor
         pytest.param(dict(TRAIN_BATCH_TOKENS=1000), ("TRAIN_BATCH_TOKENS=1000", "TRAIN_SEQ_LEN=64", "512"),
                      id="batch_not_divisible_by_8_seq_len"),
         pytest.param(dict(WORLD_SIZE=3), ("WORLD_SIZE=3",), id="world_size_3"),
+        pytest.param(dict(COMPRESSOR="gzip"), ("COMPRESSOR='gzip'", "auto, zstd or lzma"), id="unknown_compressor"),
     ],
 )
 def test_bad_setting_exits_2_with_one_error_line_naming_it(tiny_corpus, tmp_path, overrides, fragments):
@@ -232,3 +233,22 @@ def test_two_processes_train_like_one(tiny_corpus, tmp_path):
         assert abs(float(one[step]) - float(two[step])) < 2e-3, (step, one[step], two[step])
     score = [float(FINAL_SCORE.search(log.strip().splitlines()[-1]).group(2)) for log in (logs[1], logs[2])]
     assert abs(score[0] - score[1]) < 1e-3
+
+
+def test_wallclock_cap_stops_training_at_the_cap_fully_annealed(tiny_corpus, tmp_path):
+    """The loop decides to stop one step ahead, from the predicted end of the step in flight: the last
+    step must end within one step of the cap, never more than a step past it, with the LR at ~0."""
+    out = tmp_path / "out"
+    cap_s = 4.0
+    proc = run_script(tmp_path, **tiny_config(tiny_corpus, out, ITERATIONS=100_000, MAX_WALLCLOCK_SECONDS=cap_s,
+                                              WARMUP_STEPS=0, WARMDOWN_ITERS=20, TRAIN_LOG_EVERY=1))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (out / "train.log").read_text()
+    steps = [(int(s), float(lr), float(ms), float(avg)) for s, lr, ms, avg in
+             re.findall(r"^step:(\d+)/\d+ train_loss:\S+ lr_mul:(\S+) train_time:(\d+)ms step_avg:(\S+)ms", log, re.M)]
+    last_step, last_lr, last_ms, step_avg = steps[-1]
+    assert 5 < last_step < 100_000
+    assert [s for s, *_ in steps] == list(range(1, last_step + 1))  # every step logged once, in order
+    assert 1000 * cap_s - 2 * step_avg <= last_ms <= 1000 * cap_s + step_avg, (last_ms, step_avg)
+    assert last_lr < 0.1
+    assert re.search(rf"^training: {last_step} steps in ", log, re.M)
