@@ -402,3 +402,37 @@ def test_qk_norm_rotary_without_a_gpu_is_the_reference():
     cos, sin = tg.rotary_tables(8, DIM // HEADS, 10000.0)
     for got, want in zip(tg.qk_norm_rotary(qkv, gain, cos, sin, HEADS), tg.qk_norm_rotary_reference(qkv, gain, cos, sin, HEADS)):
         assert torch.equal(got, want)
+
+
+# -- relu^2 MLP ----------------------------------------------------------------------------------
+
+
+def test_relu2_mlp_function_matches_the_plain_mlp_and_its_gradients():
+    """ReLU2MLP's hand-written backward (the gradient at h taken as 2 sqrt(relu(h)^2)) against autograd
+    through the plain MLP in float64; on the CPU relu2_matmul runs its PyTorch form."""
+    torch.manual_seed(3)
+    tokens, dim, hidden = 64, 16, 48
+    x = torch.randn(tokens, dim)
+    fc, proj = torch.randn(hidden, dim) / dim**0.5, torch.randn(dim, hidden) / hidden**0.5
+    grad = torch.randn(tokens, dim)
+    leaves = [t.double().requires_grad_() for t in (x, fc, proj)]
+    (torch.relu(leaves[0] @ leaves[1].T).square() @ leaves[2].T).backward(grad.double())
+    want = [torch.relu(leaves[0] @ leaves[1].T).square() @ leaves[2].T] + [t.grad for t in leaves]
+    xb, up, down = (t.bfloat16().requires_grad_() for t in (x, fc.T.contiguous(), proj))
+    out = tg.ReLU2MLP.apply(xb, up, down)
+    out.backward(grad.bfloat16())
+    got = [out, xb.grad, up.grad.T, down.grad]
+    for name, g, w in zip(["out", "dx", "dfc", "dproj"], got, want):
+        assert g.shape == w.shape, name
+        err = ((g.double() - w).norm() / w.norm()).item()
+        assert err < 2e-2, (name, err)  # bf16 inputs and outputs; a wrong formula is off by far more
+
+
+def test_relu2_matmul_backward_form_is_the_gradient_at_the_pre_activation():
+    torch.manual_seed(4)
+    a, b = torch.randn(32, 8), torch.randn(8, 24)
+    h = a @ b
+    post = tg.relu2_matmul(a, b, None)
+    torch.testing.assert_close(post, torch.relu(h).square())
+    g, w = torch.randn(32, 5), torch.randn(5, 24)
+    torch.testing.assert_close(tg.relu2_matmul(g, w, post), (g @ w) * 2 * torch.relu(h), rtol=1e-4, atol=1e-4)
