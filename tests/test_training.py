@@ -265,3 +265,16 @@ def test_wallclock_cap_stops_training_at_the_cap_fully_annealed(tiny_corpus, tmp
     for k in (last - 1, last):
         assert float(steps[k - 1][1]) == pytest.approx(tg.lr_multiplier(k - 1, predicted(k - 1), args), abs=3e-3)
     assert re.search(rf"^training: {last} steps in ", log, re.M)
+
+
+def test_validation_mid_training_keeps_every_step_logged_once_in_order(tiny_corpus, tmp_path):
+    out = tmp_path / "out"
+    proc = run_script(tmp_path, **tiny_config(tiny_corpus, out, ITERATIONS=6, VAL_LOSS_EVERY=2, TRAIN_LOG_EVERY=1))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (out / "train.log").read_text().splitlines()
+    order = [(int(m.group(1)), "train" if m.group(2) == "/" else "val")
+             for m in (re.match(r"^step:(\d+)(/| val_loss)", line) for line in lines) if m]
+    # the last step is scored by the final evaluation, not by a mid-training one
+    assert order == [(1, "train"), (2, "train"), (2, "val"), (3, "train"), (4, "train"), (4, "val"), (5, "train"), (6, "train")]
+    times = [int(t) for t in re.findall(r"^step:\d+/\d+ .*train_time:(\d+)ms", "\n".join(lines), re.M)]
+    assert times == sorted(times)
