@@ -242,9 +242,9 @@ def test_wallclock_cap_stops_training_at_the_cap_fully_annealed(tiny_corpus, tmp
     (which holds however long the steps take on a busy machine), and the LR must be at the end of its
     warmdown."""
     out = tmp_path / "out"
-    cap_ms, warmdown = 4000, 20
+    cap_ms, warmdown = 6000, 20
     proc = run_script(tmp_path, **tiny_config(tiny_corpus, out, ITERATIONS=100_000, MAX_WALLCLOCK_SECONDS=cap_ms / 1000,
-                                              WARMUP_STEPS=0, LR_WARMUP_STEPS=0, WARMDOWN_ITERS=warmdown,
+                                              WARMUP_STEPS=1, LR_WARMUP_STEPS=0, WARMDOWN_ITERS=warmdown,
                                               TRAIN_LOG_EVERY=1))
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (out / "train.log").read_text()
@@ -263,7 +263,9 @@ def test_wallclock_cap_stops_training_at_the_cap_fully_annealed(tiny_corpus, tmp
     # about a step of the end of the warmdown.
     args = SimpleNamespace(lr_warmup_steps=0, iterations=100_000, warmdown_iters=warmdown, max_wallclock_seconds=cap_ms / 1000)
     for k in (last - 1, last):
-        assert float(steps[k - 1][1]) == pytest.approx(tg.lr_multiplier(k - 1, predicted(k - 1), args), abs=3e-3)
+        # predicted() is off by up to 1.5 ms from the logged rounding; the LR falls as the time grows
+        low, high = (tg.lr_multiplier(k - 1, predicted(k - 1) + d, args) for d in (1.5, -1.5))
+        assert low - 5e-4 <= float(steps[k - 1][1]) <= high + 5e-4, (k, steps[k - 1][1], low, high)
     assert re.search(rf"^training: {last} steps in ", log, re.M)
 
 
