@@ -835,10 +835,17 @@ if triton is not None:
     _qk_norm_rotary_op.register_autograd(_qk_norm_rotary_grad, setup_context=_qk_norm_rotary_setup)
 
 
+def qk_kernels_fit(head_dim: int, kv_heads: int) -> bool:
+    """The kernels' tiles need power-of-two widths: half a head, and v's heads together."""
+    return all(n > 0 and n & (n - 1) == 0 for n in (head_dim // 2, kv_heads * head_dim))
+
+
 def qk_norm_rotary(qkv: torch.Tensor, gain: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """qk_norm_rotary_reference, through the Triton kernels for bf16 on a GPU."""
-    if triton is not None and qkv.is_cuda and qkv.dtype == torch.bfloat16:
+    """qk_norm_rotary_reference, through the Triton kernels for bf16 on a GPU where their tiles fit."""
+    head_dim = 2 * cos.size(-1)
+    kv_heads = (qkv.size(-1) // head_dim - heads) // 2
+    if triton is not None and qkv.is_cuda and qkv.dtype == torch.bfloat16 and qk_kernels_fit(head_dim, kv_heads):
         return torch.ops.pgolf.qk_norm_rotary(qkv, gain, cos[:, : qkv.size(1)], sin[:, : qkv.size(1)], heads)
     return qk_norm_rotary_reference(qkv, gain, cos, sin, heads)
 

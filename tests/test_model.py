@@ -395,6 +395,13 @@ def test_qk_norm_rotary_kernels_match_the_plain_path_in_triton_interpreter():
     assert "qk kernels match" in proc.stdout
 
 
+@pytest.mark.parametrize("head_dim, kv_heads, fits", [(64, 4, True), (64, 2, True), (16, 1, True), (64, 3, False),
+                                                     (48, 4, False), (96, 2, False)])
+def test_qk_kernels_take_only_power_of_two_tiles(head_dim, kv_heads, fits):
+    """Other shapes (NUM_KV_HEADS=3, head_dim 48) take the plain path instead of failing to compile."""
+    assert tg.qk_kernels_fit(head_dim, kv_heads) is fits
+
+
 def test_qk_norm_rotary_without_a_gpu_is_the_reference():
     torch.manual_seed(0)
     qkv = torch.randn(2, 8, (HEADS + 2 * KV_HEADS) * (DIM // HEADS))
