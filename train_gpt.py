@@ -689,14 +689,24 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+def triton_runs(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels below take x: bf16 on a GPU."""
+    return triton is not None and x.is_cuda and x.dtype == torch.bfloat16
+
+
+def qkv_layout(qkv: torch.Tensor, cos: torch.Tensor, heads: int) -> tuple[int, int]:
+    """(head_dim, kv_heads) of the fused projection (b, t, (heads + 2 kv_heads) head_dim)."""
+    head_dim = 2 * cos.size(-1)
+    return head_dim, (qkv.size(-1) // head_dim - heads) // 2
+
+
 def qk_norm_rotary_reference(qkv: torch.Tensor, gain: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                              heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split the fused projection (b, t, (heads + 2 kv_heads) head_dim) into q, k, v of (b, t, heads,
-    head_dim). Normalized q and k keep attention logits bounded, the learned per-head gain sets their
-    temperature, and both are rotated by position."""
-    b, t, width = qkv.shape
-    head_dim = 2 * cos.size(-1)
-    kv_heads = (width // head_dim - heads) // 2
+    """Split the fused projection into q, k, v of (b, t, heads, head_dim). Normalized q and k keep
+    attention logits bounded, the learned per-head gain sets their temperature, and both are rotated
+    by position."""
+    b, t, _ = qkv.shape
+    head_dim, kv_heads = qkv_layout(qkv, cos, heads)
     q, k, v = qkv.split((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), dim=-1)
     q = rms_norm(q.view(b, t, heads, head_dim)) * gain[:, None].to(qkv.dtype)
     k = rms_norm(k.view(b, t, kv_heads, head_dim))
@@ -786,25 +796,21 @@ if triton is not None:
     _QK_BLOCK = 32
     _F32_EPS = torch.finfo(torch.float32).eps
 
+    def _qk_outputs(qkv, gain, cos, sin, heads):
+        (b, t, _), (head_dim, kv_heads) = qkv.shape, qkv_layout(qkv, cos, heads)
+        return qkv.new_empty(b, t, heads, head_dim), *(qkv.new_empty(b, t, kv_heads, head_dim) for _ in range(2))
+
     @torch.library.custom_op("pgolf::qk_norm_rotary", mutates_args=())
     def _qk_norm_rotary_op(qkv: torch.Tensor, gain: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                            heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b, t, width = qkv.shape
-        head_dim = 2 * cos.size(-1)
-        kv_heads = (width // head_dim - heads) // 2
-        q = qkv.new_empty(b, t, heads, head_dim)
-        k, v = (qkv.new_empty(b, t, kv_heads, head_dim) for _ in range(2))
+        q, k, v = _qk_outputs(qkv, gain, cos, sin, heads)
+        b, t, _ = qkv.shape
         grid = (triton.cdiv(b * t, _QK_BLOCK),)
         _qk_norm_rotary_fwd[grid](qkv, gain, cos, sin, q, k, v, b * t, t, _F32_EPS,
-                                  heads, kv_heads, head_dim // 2, _QK_BLOCK)
+                                  heads, k.size(2), cos.size(-1), _QK_BLOCK)
         return q, k, v
 
-    @_qk_norm_rotary_op.register_fake
-    def _(qkv, gain, cos, sin, heads):
-        b, t, width = qkv.shape
-        head_dim = 2 * cos.size(-1)
-        kv_heads = (width // head_dim - heads) // 2
-        return qkv.new_empty(b, t, heads, head_dim), qkv.new_empty(b, t, kv_heads, head_dim), qkv.new_empty(b, t, kv_heads, head_dim)
+    _qk_norm_rotary_op.register_fake(_qk_outputs)
 
     @torch.library.custom_op("pgolf::qk_norm_rotary_backward", mutates_args=())
     def _qk_norm_rotary_backward_op(qkv: torch.Tensor, gain: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -843,9 +849,7 @@ def qk_kernels_fit(head_dim: int, kv_heads: int) -> bool:
 def qk_norm_rotary(qkv: torch.Tensor, gain: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """qk_norm_rotary_reference, through the Triton kernels for bf16 on a GPU where their tiles fit."""
-    head_dim = 2 * cos.size(-1)
-    kv_heads = (qkv.size(-1) // head_dim - heads) // 2
-    if triton is not None and qkv.is_cuda and qkv.dtype == torch.bfloat16 and qk_kernels_fit(head_dim, kv_heads):
+    if triton_runs(qkv) and qk_kernels_fit(*qkv_layout(qkv, cos, heads)):
         return torch.ops.pgolf.qk_norm_rotary(qkv, gain, cos[:, : qkv.size(1)], sin[:, : qkv.size(1)], heads)
     return qk_norm_rotary_reference(qkv, gain, cos, sin, heads)
 
@@ -919,8 +923,9 @@ if triton is not None:
 
 @torch.library.custom_op("pgolf::relu2_matmul", mutates_args=())
 def relu2_matmul(a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
-    """relu(a @ b)^2; or, given aux = relu(h)^2 from the forward, (a @ b) * 2 sqrt(aux), the gradient at h."""
-    if not (a.is_cuda and triton is not None):
+    """relu(a @ b)^2; or, given aux = relu(h)^2 from the forward, (a @ b) * 2 sqrt(aux), the gradient at h.
+    Off the GPU, the same in PyTorch (the reference the tests check ReLU2MLP's backward with)."""
+    if not triton_runs(a):
         y = (a.float() @ b.float()).to(a.dtype).float()
         return (torch.relu(y).square() if aux is None else y * 2 * aux.float().sqrt()).to(a.dtype)
     (m, k), n = a.shape, b.size(1)
@@ -965,11 +970,11 @@ class MLP(nn.Module):
         self.proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = stream_dtype(x.device)
-        # The Triton path needs bf16 and widths of whole 16-byte rows (for the TMA copy engine).
-        if triton is not None and x.is_cuda and dtype == torch.bfloat16 and x.size(-1) % 8 == 0 and self.fc.out_features % 8 == 0:
-            up, down = self.fc.weight.to(dtype).t().contiguous(), self.proj.weight.to(dtype)
-            return ReLU2MLP.apply(x.to(dtype).flatten(0, -2), up, down).view(*x.shape[:-1], -1)
+        x = x.to(stream_dtype(x.device))  # what autocast's matmuls would take anyway
+        # The Triton path also needs widths of whole 16-byte rows (for the TMA copy engine).
+        if triton_runs(x) and x.size(-1) % 8 == 0 and self.fc.out_features % 8 == 0:
+            up, down = self.fc.weight.to(x.dtype).t().contiguous(), self.proj.weight.to(x.dtype)
+            return ReLU2MLP.apply(x.flatten(0, -2), up, down).view(*x.shape[:-1], -1)
         return self.proj(F.relu(self.fc(x)).square())
 
 
