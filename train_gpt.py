@@ -115,14 +115,28 @@ class Hyperparameters:
         self.bigram_vocab_size = env("BIGRAM_VOCAB_SIZE", 2048)
         self.bigram_dim = env("BIGRAM_DIM", 128)
         self.tied_embed_init_std = env("TIED_EMBED_INIT_STD", 0.005)
+        self.smear_gate = env("SMEAR_GATE", 1)  # blend each token's embedding with its predecessor's
+        self.rope_dims = env("ROPE_DIMS", 0)  # partial RoPE: rotate this many of each head's dims; 0: all
+        self.xsa_last_n = env("XSA_LAST_N", 0)  # exclusive self-attention in the last N layers
+        self.ln_scale = env("LN_SCALE", 0)  # 1: block i's normalized inputs times 1/sqrt(i+1)
+        self.parallel_last_n = env("PARALLEL_LAST_N", 0)  # the last N blocks run attention and MLP side by side
+        self.mlp_neg_slope = env("MLP_NEG_SLOPE", 0.0)  # MLP activation leaky_relu(., slope)^2; 0: relu^2
+        self.skip_gates = env("SKIP_GATES", 0)  # 1: U-Net skips enter through learned sigmoid gates
+        self.loop_first = env("LOOP_FIRST", 3)  # depth recurrence: blocks LOOP_FIRST..LOOP_LAST run
+        self.loop_last = env("LOOP_LAST", 5)
+        self.loop_repeats = env("LOOP_REPEATS", 0)  # ... this many extra times; 0: off
+        self.loop_start_frac = env("LOOP_START_FRAC", 0.35)  # ... from this fraction of training on
 
         # Training length and batch.
         self.train_seq_len = env("TRAIN_SEQ_LEN", 2048)
-        self.train_batch_tokens = env("TRAIN_BATCH_TOKENS", 786_432)
+        self.train_batch_tokens = env("TRAIN_BATCH_TOKENS", 786_432)  # one whole step, over all ranks
+        self.grad_accum_steps = env("GRAD_ACCUM_STEPS", 0)  # micro-steps per step; 0: 8 / WORLD_SIZE
         self.iterations = env("ITERATIONS", 20000)
         self.warmup_steps = env("WARMUP_STEPS", 20)  # compile warm-up, undone before the clock starts
         self.lr_warmup_steps = env("LR_WARMUP_STEPS", 20)
         self.warmdown_iters = env("WARMDOWN_ITERS", 3000)
+        self.warmdown_frac = env("WARMDOWN_FRAC", 0.0)  # > 0: warmdown over this last fraction, not WARMDOWN_ITERS
+        self.lr_floor = env("LR_FLOOR", 0.0)  # the warmdown ends at this multiple of the LR instead of 0
         self.max_wallclock_seconds = env("MAX_WALLCLOCK_SECONDS", 600.0)
 
         # Optimizers.
@@ -133,6 +147,7 @@ class Hyperparameters:
         self.muon_momentum_warmup_start = env("MUON_MOMENTUM_WARMUP_START", 0.92)
         self.muon_momentum_warmup_steps = env("MUON_MOMENTUM_WARMUP_STEPS", 1500)
         self.muon_backend_steps = env("MUON_BACKEND_STEPS", 5)
+        self.muon_row_norm = env("MUON_ROW_NORM", 0)  # 1: MuonEq-R, rows of the update normalized before Newton-Schulz
         self.beta1 = env("BETA1", 0.9)
         self.beta2 = env("BETA2", 0.95)
         self.adam_eps = env("ADAM_EPS", 1e-8)
@@ -205,8 +220,9 @@ class Muon(torch.optim.Optimizer):
     together in one batched call; with several ranks each rank takes a share and an all-reduce
     gathers the updates."""
 
-    def __init__(self, params, lr: float, momentum: float, ns_steps: int, weight_decay: float):
-        super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps, weight_decay=weight_decay))
+    def __init__(self, params, lr: float, momentum: float, ns_steps: int, weight_decay: float, row_norm: bool = False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps, weight_decay=weight_decay,
+                                      row_norm=row_norm))
 
     @torch.no_grad()
     def step(self):
@@ -225,6 +241,8 @@ class Muon(torch.optim.Optimizer):
                 mine = params[rank::world]  # a slice, not an index list: no host-to-device copy, no sync
                 if mine:
                     grads = torch.stack(self._nesterov(mine, group["momentum"]))
+                    if group["row_norm"]:  # MuonEq-R: rows of equal norm going in, so no row dominates the result
+                        grads = grads / grads.float().norm(dim=-1, keepdim=True).clamp_min(1e-12).to(grads.dtype)
                     view[rank::world] = orthogonalize(grads, group["ns_steps"]) * max(1.0, shape[0] / shape[1]) ** 0.5
                 views.append((params, view))
             if world > 1:
@@ -263,22 +281,35 @@ def build_optimizers(model: nn.Module, args) -> list[torch.optim.Optimizer]:
         betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused,
     )
     muon = Muon(matrices, lr=args.matrix_lr, momentum=args.muon_momentum, ns_steps=args.muon_backend_steps,
-                weight_decay=args.weight_decay)
+                weight_decay=args.weight_decay, row_norm=bool(args.muon_row_norm))
     muon.param_groups[0]["base_lr"] = args.matrix_lr
     return [adam, muon]
 
 
-def lr_multiplier(step: int, elapsed_ms: float, args) -> float:
-    """Linear warm-up, then 1, then a linear warmdown to 0 that ends exactly at ITERATIONS or at the
-    wallclock cap, whichever comes first (the cap's warmdown length is WARMDOWN_ITERS at the mean step
-    time so far), so a run stopped by the cap always ends fully annealed."""
-    warm = min(1.0, (step + 1) / args.lr_warmup_steps) if args.lr_warmup_steps > 0 else 1.0
-    down = (args.iterations - step) / max(args.warmdown_iters, 1)
+def training_progress(step: int, elapsed_ms: float, args) -> float:
+    """How far the run is, 0 to 1: by steps or by the wallclock cap, whichever is further."""
+    progress = step / args.iterations
     if args.max_wallclock_seconds > 0:
-        remaining_ms = max(1000 * args.max_wallclock_seconds - elapsed_ms, 0.0)
-        warmdown_ms = args.warmdown_iters * elapsed_ms / max(step, 1)
-        down = min(down, remaining_ms / warmdown_ms if warmdown_ms > 0 else float(remaining_ms > 0))
-    return warm * min(max(down, 0.0), 1.0)
+        progress = max(progress, elapsed_ms / (1000 * args.max_wallclock_seconds))
+    return min(progress, 1.0)
+
+
+def lr_multiplier(step: int, elapsed_ms: float, args) -> float:
+    """Linear warm-up, then 1, then a linear warmdown to LR_FLOOR that ends exactly at ITERATIONS or at
+    the wallclock cap, whichever comes first, so a run stopped by the cap always ends annealed. The
+    warmdown is the last WARMDOWN_FRAC of the run, or (WARMDOWN_FRAC=0) its last WARMDOWN_ITERS steps, at
+    the mean step time so far under the cap."""
+    warm = min(1.0, (step + 1) / args.lr_warmup_steps) if args.lr_warmup_steps > 0 else 1.0
+    if args.warmdown_frac > 0:
+        down = (1 - training_progress(step, elapsed_ms, args)) / args.warmdown_frac
+    else:
+        down = (args.iterations - step) / max(args.warmdown_iters, 1)
+        if args.max_wallclock_seconds > 0:
+            remaining_ms = max(1000 * args.max_wallclock_seconds - elapsed_ms, 0.0)
+            warmdown_ms = args.warmdown_iters * elapsed_ms / max(step, 1)
+            down = min(down, remaining_ms / warmdown_ms if warmdown_ms > 0 else float(remaining_ms > 0))
+    down = min(max(down, 0.0), 1.0)
+    return warm * (args.lr_floor + (1 - args.lr_floor) * down)
 
 
 class WeightAverager:
@@ -676,9 +707,13 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x.float(), (x.size(-1),))
 
 
-def rotary_tables(seq_len: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+def rotary_tables(seq_len: int, head_dim: int, base: float, rope_dims: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of (1, seq_len, 1, head_dim / 2). Dimension j pairs with j + head_dim / 2; partial RoPE
+    (rope_dims < head_dim) rotates only the first rope_dims / 2 pairs, at the frequencies of a rope_dims-wide
+    head, and leaves the rest (angle 0) free of position."""
+    rotated = (rope_dims or head_dim) // 2
+    inv_freq = base ** (-torch.arange(rotated, dtype=torch.float32) / rotated)
+    angles = F.pad(torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq), (0, head_dim // 2 - rotated))
     return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
 
 
@@ -870,16 +905,26 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return y.transpose(1, 2)
 
 
+def exclusive(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """XSA: each head's output y (b, t, heads, d) without its component along the token's own value
+    vector v (b, t, kv_heads, d), so attention carries what the token does not already hold. Query heads
+    are grouped over their shared kv head by a reshape, not by copying v."""
+    yg = y.unflatten(2, (v.size(2), -1))
+    vn = F.normalize(v.float(), dim=-1).unsqueeze(3)
+    return (yg - (yg.float() * vn).sum(-1, keepdim=True) * vn).to(y.dtype).flatten(2, 3)
+
+
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, kv_heads: int, rope_base: float, qk_gain: float, max_seq_len: int):
+    def __init__(self, dim: int, heads: int, kv_heads: int, rope_base: float, qk_gain: float, max_seq_len: int,
+                 rope_dims: int = 0, xsa: bool = False):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.heads, self.kv_heads, self.head_dim, self.xsa = heads, kv_heads, dim // heads, xsa
         self.q = nn.Linear(dim, dim, bias=False)
         self.k = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
         self.v = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
         self.q_gain = nn.Parameter(torch.full((heads,), qk_gain))
-        cos, sin = rotary_tables(max_seq_len, self.head_dim, rope_base)
+        cos, sin = rotary_tables(max_seq_len, self.head_dim, rope_base, rope_dims)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
@@ -888,19 +933,22 @@ class Attention(nn.Module):
         # One matmul for q, k and v reads x once; the three stay separate matrices for Muon and packing.
         qkv = F.linear(x, torch.cat((self.q.weight, self.k.weight, self.v.weight)))
         q, k, v = qk_norm_rotary(qkv, self.q_gain, self.cos, self.sin, self.heads)
-        return self.proj(causal_attention(q, k, v).reshape(b, t, d))
+        y = causal_attention(q, k, v)
+        return self.proj((exclusive(y, v) if self.xsa else y).reshape(b, t, d))
 
 
-# relu^2 inside the matmuls around it. Plain, the MLP writes the pre-activation h and relu(h)^2 forward,
-# and the gradients at relu(h)^2 and at h backward, each a full pass of (tokens x hidden) through memory
-# (~500 us per layer and micro-batch on H100). Here the up-projection's epilogue writes relu(h)^2 alone,
-# and the backward's first matmul multiplies by 2 relu(h) = 2 sqrt(relu(h)^2) in its epilogue.
+# The MLP's activation, act(h)^2 with act = leaky_relu(., NEG_SLOPE) (relu at 0), inside the matmuls
+# around it. Plain, the MLP writes h and act(h)^2 forward, and the gradients at act(h)^2 and at h
+# backward, each a full pass of (tokens x hidden) through memory (~500 us per layer and micro-batch on
+# H100). Here the up-projection's epilogue writes act(h)^2 (and, for a leaky slope, act(h) itself: the
+# square loses the sign the gradient needs), and the backward's first matmul multiplies by the
+# derivative 2 act(h) act'(h) in its epilogue: 2 sqrt(relu(h)^2) for relu.
 if triton is not None:
 
     @triton.jit
-    def _relu2_matmul_kernel(a, b, c, aux, M, N: tl.constexpr, K: tl.constexpr, BACKWARD: tl.constexpr,
-                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PROGRAMS: tl.constexpr,
-                             ROUNDS: tl.constexpr):
+    def _act2_matmul_kernel(a, b, c, aux, M, N: tl.constexpr, K: tl.constexpr, BACKWARD: tl.constexpr,
+                            SLOPE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                            PROGRAMS: tl.constexpr, ROUNDS: tl.constexpr):
         # Persistent: each program walks tiles PROGRAMS apart; in the last round the spare programs redo
         # the last tile (same values), which keeps every loop bound a compile-time constant.
         tiles_n: tl.constexpr = (N + BN - 1) // BN
@@ -911,61 +959,98 @@ if triton is not None:
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             for k in range(0, K, BK):
                 acc = tl.dot(a.load([row, k]), b.load([k, col]), acc)
-            # Rounded to bf16 first, as the plain path stores h and the gradient at relu(h)^2.
+            # Rounded to bf16 first, as the plain path stores h and the gradient at act(h)^2.
             acc = acc.to(c.dtype).to(tl.float32)
             if BACKWARD:
-                out = acc * 2.0 * tl.sqrt(aux.load([row, col]).to(tl.float32))
+                saved = aux.load([row, col]).to(tl.float32)
+                if SLOPE == 0.0:
+                    out = acc * 2.0 * tl.sqrt(saved)
+                else:
+                    out = acc * 2.0 * saved * tl.where(saved > 0, 1.0, SLOPE)
             else:
-                out = tl.maximum(acc, 0.0)
-                out = out * out
+                act = tl.where(acc > 0, acc, acc * SLOPE).to(c.dtype)
+                if SLOPE != 0.0:
+                    aux.store([row, col], act)
+                act = act.to(tl.float32)
+                out = act * act
             c.store([row, col], out.to(c.dtype))
 
 
-@torch.library.custom_op("pgolf::relu2_matmul", mutates_args=())
-def relu2_matmul(a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
-    """relu(a @ b)^2; or, given aux = relu(h)^2 from the forward, (a @ b) * 2 sqrt(aux), the gradient at h.
-    Off the GPU, the same in PyTorch (the reference the tests check ReLU2MLP's backward with)."""
+def act2_reference(h: torch.Tensor, slope: float) -> torch.Tensor:
+    return F.leaky_relu(h, slope) if slope else torch.relu(h)
+
+
+@torch.library.custom_op("pgolf::act2_matmul", mutates_args=())
+def act2_matmul(a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor | None, slope: float) -> torch.Tensor:
+    """act(a @ b)^2; or, given aux from the forward (act(h)^2 for relu, act(h) for a leaky slope), (a @ b)
+    times 2 act(h) act'(h), the gradient at h. Off the GPU, the same in PyTorch (the reference the tests
+    check ActSquaredMLP's backward with)."""
     if not triton_runs(a):
         y = (a.float() @ b.float()).to(a.dtype).float()
-        return (torch.relu(y).square() if aux is None else y * 2 * aux.float().sqrt()).to(a.dtype)
+        if aux is None:
+            return act2_reference(y, slope).to(a.dtype).float().square().to(a.dtype)
+        saved = aux.float()
+        return (y * 2 * (saved.sqrt() if slope == 0 else saved * torch.where(saved > 0, 1.0, slope))).to(a.dtype)
+    return _act2_matmul_launch(a, b, aux, slope, None)
+
+
+def _act2_matmul_launch(a, b, aux, slope, act_out):
     (m, k), n = a.shape, b.size(1)
     bm, bn, bk = 128, 128, 64
     out = a.new_empty(m, n)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     programs = min(tiles, torch.cuda.get_device_properties(a.device).multi_processor_count)
     desc = TensorDescriptor.from_tensor
-    _relu2_matmul_kernel[(programs,)](desc(a, [bm, bk]), desc(b, [bk, bn]), desc(out, [bm, bn]),
-                                      desc(out if aux is None else aux, [bm, bn]), m, n, k, aux is not None,
-                                      bm, bn, bk, programs, triton.cdiv(tiles, programs), num_warps=4, num_stages=5)
+    second = aux if aux is not None else (act_out if act_out is not None else out)
+    _act2_matmul_kernel[(programs,)](desc(a, [bm, bk]), desc(b, [bk, bn]), desc(out, [bm, bn]), desc(second, [bm, bn]),
+                                     m, n, k, aux is not None, float(slope), bm, bn, bk, programs,
+                                     triton.cdiv(tiles, programs), num_warps=4, num_stages=5)
     return out
 
 
-@relu2_matmul.register_fake
-def _(a, b, aux):
+@act2_matmul.register_fake
+def _(a, b, aux, slope):
     return a.new_empty(a.size(0), b.size(1))
 
 
-class ReLU2MLP(torch.autograd.Function):
-    """relu(x @ up)^2 @ down.T for x (tokens, dim), up and down (dim, hidden), all bf16."""
+@torch.library.custom_op("pgolf::leaky2_matmul", mutates_args=())
+def leaky2_matmul(a: torch.Tensor, b: torch.Tensor, slope: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(act(a @ b)^2, act(a @ b)) for a leaky slope, both from one pass: the backward needs act's sign."""
+    if not triton_runs(a):
+        act = act2_reference((a.float() @ b.float()).to(a.dtype), slope)
+        return act.float().square().to(a.dtype), act
+    act = a.new_empty(a.size(0), b.size(1))
+    return _act2_matmul_launch(a, b, None, slope, act), act
+
+
+@leaky2_matmul.register_fake
+def _(a, b, slope):
+    return a.new_empty(a.size(0), b.size(1)), a.new_empty(a.size(0), b.size(1))
+
+
+class ActSquaredMLP(torch.autograd.Function):
+    """act(x @ up)^2 @ down.T for x (tokens, dim), up and down (dim, hidden), all bf16."""
 
     @staticmethod
-    def forward(ctx, x, up, down):
-        post = relu2_matmul(x, up, None)
-        ctx.save_for_backward(x, up, down, post)
+    def forward(ctx, x, up, down, slope):
+        post, saved = leaky2_matmul(x, up, slope) if slope else (act2_matmul(x, up, None, 0.0),) * 2
+        ctx.slope = slope
+        ctx.save_for_backward(x, up, down, post, saved)
         return post @ down.t()
 
     @staticmethod
     def backward(ctx, grad):
-        x, up, down, post = ctx.saved_tensors
+        x, up, down, post, saved = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_h = relu2_matmul(grad, down, post)
-        return grad_h @ up.t(), x.t() @ grad_h, grad.t() @ post
+        grad_h = act2_matmul(grad, down, saved, ctx.slope)
+        return grad_h @ up.t(), x.t() @ grad_h, grad.t() @ post, None
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, mult: float):
+    def __init__(self, dim: int, mult: float, neg_slope: float = 0.0):
         super().__init__()
         hidden = int(mult * dim)
+        self.neg_slope = neg_slope
         self.fc = nn.Linear(dim, hidden, bias=False)
         self.proj = nn.Linear(hidden, dim, bias=False)
 
@@ -974,15 +1059,21 @@ class MLP(nn.Module):
         # The Triton path also needs widths of whole 16-byte rows (for the TMA copy engine).
         if triton_runs(x) and x.size(-1) % 8 == 0 and self.fc.out_features % 8 == 0:
             up, down = self.fc.weight.to(x.dtype).t().contiguous(), self.proj.weight.to(x.dtype)
-            return ReLU2MLP.apply(x.flatten(0, -2), up, down).view(*x.shape[:-1], -1)
-        return self.proj(F.relu(self.fc(x)).square())
+            return ActSquaredMLP.apply(x.flatten(0, -2), up, down, self.neg_slope).view(*x.shape[:-1], -1)
+        return self.proj(act2_reference(self.fc(x), self.neg_slope).square())
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, kv_heads: int, mlp_mult: float, rope_base: float, qk_gain: float, max_seq_len: int):
+    """Attention then MLP, each on the RMS-normalized stream times norm_scale (LN scale: 1/sqrt(layer+1) damps
+    deeper blocks' inputs), or both on the same input (parallel) and added together."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, mlp_mult: float, rope_base: float, qk_gain: float,
+                 max_seq_len: int, rope_dims: int = 0, xsa: bool = False, norm_scale: float = 1.0,
+                 parallel: bool = False, neg_slope: float = 0.0):
         super().__init__()
-        self.attn = Attention(dim, heads, kv_heads, rope_base, qk_gain, max_seq_len)
-        self.mlp = MLP(dim, mlp_mult)
+        self.attn = Attention(dim, heads, kv_heads, rope_base, qk_gain, max_seq_len, rope_dims, xsa)
+        self.mlp = MLP(dim, mlp_mult, neg_slope)
+        self.norm_scale, self.parallel = norm_scale, parallel
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         # Learned mix of the running residual with the first layer's input (starts as pure residual).
@@ -991,8 +1082,9 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        a = self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale)
+        h = x if self.parallel else x + a
+        return x + a + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(h) * self.norm_scale)
 
 
 class SmearGate(nn.Module):
@@ -1033,7 +1125,9 @@ class GPT(nn.Module):
     def __init__(self, vocab_size: int, num_layers: int, model_dim: int, num_heads: int, num_kv_heads: int,
                  mlp_mult: float, rope_base: float = 10000.0, qk_gain_init: float = 1.5, logit_softcap: float = 30.0,
                  bigram_vocab_size: int = 0, bigram_dim: int = 128, bos_id: int = 1, max_seq_len: int = 2048,
-                 tied_embed_init_std: float = 0.005):
+                 tied_embed_init_std: float = 0.005, smear_gate: bool = True, rope_dims: int = 0, xsa_last_n: int = 0,
+                 ln_scale: bool = False, parallel_last_n: int = 0, mlp_neg_slope: float = 0.0, skip_gates: bool = False,
+                 loop_layers: tuple[int, int] = (0, 0), loop_repeats: int = 0):
         super().__init__()
         if model_dim % num_heads or num_heads % num_kv_heads or (model_dim // num_heads) % 2:
             raise SetupError(f"MODEL_DIM={model_dim} must split into NUM_HEADS={num_heads} heads of even width, "
@@ -1043,12 +1137,23 @@ class GPT(nn.Module):
         self.bos_id, self.logit_softcap = bos_id, logit_softcap
         self.tok_emb = nn.Embedding(vocab_size, model_dim)
         self.bigram = BigramHash(bigram_vocab_size, bigram_dim, model_dim) if bigram_vocab_size > 0 else None
-        self.smear = SmearGate(model_dim)
-        self.blocks = nn.ModuleList(Block(model_dim, num_heads, num_kv_heads, mlp_mult, rope_base, qk_gain_init, max_seq_len)
-                                    for _ in range(num_layers))
-        # U-Net: the first half's outputs feed the second half, last in first out.
-        self.num_encoder = num_layers // 2
-        self.skip_weights = nn.Parameter(torch.ones(self.num_encoder, model_dim))
+        self.smear = SmearGate(model_dim) if smear_gate else None
+        self.blocks = nn.ModuleList(
+            Block(model_dim, num_heads, num_kv_heads, mlp_mult, rope_base, qk_gain_init, max_seq_len, rope_dims,
+                  xsa=i >= num_layers - xsa_last_n, norm_scale=(i + 1) ** -0.5 if ln_scale else 1.0,
+                  parallel=i >= num_layers - parallel_last_n, neg_slope=mlp_neg_slope)
+            for i in range(num_layers))
+        # Depth recurrence: blocks first..last run 1 + loop_repeats times in a row once `looping` is set
+        # (weights shared, so no bytes). The plain order is used until then.
+        first, last = loop_layers
+        looped = list(range(last + 1)) + list(range(first, last + 1)) * loop_repeats + list(range(last + 1, num_layers))
+        self.orders = {False: list(range(num_layers)), True: looped if loop_repeats else list(range(num_layers))}
+        self.looping = False
+        # U-Net: the first half of the (virtual) layers feed the second half, last in first out; with skip
+        # gates a decoder input is a learned per-channel blend of skip and stream instead of their sum.
+        skips = len(self.orders[True]) // 2
+        self.skip_weights = nn.Parameter(torch.ones(skips, model_dim))
+        self.skip_gates = nn.Parameter(torch.zeros(skips, model_dim)) if skip_gates else None
         self._init_weights(num_layers, tied_embed_init_std)
 
     def _init_weights(self, num_layers: int, embed_std: float) -> None:
@@ -1062,6 +1167,12 @@ class GPT(nn.Module):
             nn.init.normal_(self.bigram.table.weight, std=0.02)
             nn.init.zeros_(self.bigram.proj.weight)
 
+    def skip_in(self, j: int, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        skip = self.skip_weights[j].to(x.dtype) * skip
+        if self.skip_gates is None:
+            return x + skip
+        return torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
+
     def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-token cross-entropy in nats, shape of targets."""
         starts = ids == self.bos_id
@@ -1069,13 +1180,16 @@ class GPT(nn.Module):
         x = self.tok_emb(ids).to(stream_dtype(ids.device))
         if self.bigram is not None:
             x = x + self.bigram(ids, starts)
-        x = x0 = rms_norm(self.smear(x, starts)).to(x.dtype)
-        skips = []
-        for i, block in enumerate(self.blocks):
-            if i >= self.num_encoder and skips:
-                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
-            x = block(x, x0)
-            if i < self.num_encoder:
+        if self.smear is not None:
+            x = self.smear(x, starts)
+        x = x0 = rms_norm(x).to(x.dtype)
+        order = self.orders[self.looping]
+        encoder, skips = len(order) // 2, []
+        for pos, i in enumerate(order):
+            if pos >= encoder and skips:
+                x = self.skip_in(pos - encoder, x, skips.pop())
+            x = self.blocks[i](x, x0)
+            if pos < encoder:
                 skips.append(x)
         logits = F.linear(rms_norm(x), self.tok_emb.weight).float()
         logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
@@ -1085,7 +1199,9 @@ class GPT(nn.Module):
 def build_model(args, bos_id: int) -> GPT:
     return GPT(args.vocab_size, args.num_layers, args.model_dim, args.num_heads, args.num_kv_heads, args.mlp_mult,
                args.rope_base, args.qk_gain_init, args.logit_softcap, args.bigram_vocab_size, args.bigram_dim, bos_id,
-               max(args.train_seq_len, args.eval_seq_len), args.tied_embed_init_std)
+               max(args.train_seq_len, args.eval_seq_len), args.tied_embed_init_std, bool(args.smear_gate),
+               args.rope_dims, args.xsa_last_n, bool(args.ln_scale), args.parallel_last_n, args.mlp_neg_slope,
+               bool(args.skip_gates), (args.loop_first, args.loop_last), args.loop_repeats)
 
 
 # -----------------------------------------------------------------------------
@@ -1170,12 +1286,14 @@ def main() -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
     log = Logger(out_dir / "train.log" if rank == 0 else None)
     eval_seq_len = args.eval_seq_len or args.train_seq_len
-    micro_steps = 8 // world
-    local_tokens = args.train_batch_tokens // 8
-    if args.train_batch_tokens % (8 * args.train_seq_len):
-        raise SetupError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must split into 8 micro-batches of whole "
-                         f"TRAIN_SEQ_LEN={args.train_seq_len} sequences: use a multiple of {8 * args.train_seq_len}")
-    log(f"run {args.run_id} on {socket.gethostname()}: world_size={world} grad_accum={micro_steps} device={device}"
+    micro_steps = args.grad_accum_steps or 8 // world
+    local_tokens = args.train_batch_tokens // (world * micro_steps)
+    if args.train_batch_tokens % (world * micro_steps * args.train_seq_len):
+        raise SetupError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must split into WORLD_SIZE x GRAD_ACCUM_STEPS = "
+                         f"{world} x {micro_steps} micro-batches of whole TRAIN_SEQ_LEN={args.train_seq_len} sequences: "
+                         f"use a multiple of {world * micro_steps * args.train_seq_len}")
+    log(f"run {args.run_id} on {socket.gethostname()}: world_size={world} grad_accum={micro_steps} "
+        f"micro_batch={local_tokens // args.train_seq_len}x{args.train_seq_len} device={device}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else " (no CUDA device: CPU, for smoke runs only)"))
     for key, value in _SETTINGS.items():
         log(f"setting {key}={value}")
@@ -1220,6 +1338,10 @@ def main() -> None:
     batches = iter(lambda: loader.next_batch(local_tokens, args.train_seq_len), None)
 
     def train_step(step: int, elapsed_ms: float) -> tuple[torch.Tensor, float]:
+        looping = args.loop_repeats > 0 and training_progress(step, elapsed_ms, args) >= args.loop_start_frac
+        if looping and not base_model.looping and elapsed_ms > 0:  # elapsed 0: the compile warm-up
+            log(f"step:{step} depth recurrence on: blocks {args.loop_first}-{args.loop_last} run {1 + args.loop_repeats} times")
+        base_model.looping = looping
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         loss = accumulate_gradients(model, batches, micro_steps, device)
@@ -1245,8 +1367,8 @@ def main() -> None:
         saved_model = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
         saved_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
         t0 = sync_time()
-        for i in range(args.warmup_steps):
-            train_step(0, 0.0)
+        for i in range(args.warmup_steps):  # the second half with looped layers, if any: both graphs compile now
+            train_step(args.iterations if 2 * i >= args.warmup_steps else 0, 0.0)
         base_model.load_state_dict(saved_model)
         for opt, state in zip(optimizers, saved_opts):
             opt.load_state_dict(state)
@@ -1337,6 +1459,7 @@ def main() -> None:
 
     t_eval = sync_time()
     fresh = build_model(args, sp.bos_id()).to(device)
+    fresh.looping = base_model.looping
     fresh.load_state_dict(unpack_model(artifact.read_bytes()))
     scorer = torch.compile(fresh, dynamic=False) if args.compile else fresh
     q_loss, q_bpb = evaluate(scorer, val_tokens, eval_seq_len, 0, args.eval_batch_seqs, luts, rank, world)

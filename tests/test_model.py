@@ -261,7 +261,7 @@ def test_valid_gqa_and_mha_shapes_build():
 @pytest.mark.parametrize("num_layers", [1, 2, 3, 4, 5])
 def test_unet_encoder_half_and_skip_weights_shape(num_layers):
     model = make_model(num_layers=num_layers)
-    assert model.num_encoder == num_layers // 2
+    assert len(model.orders[False]) == num_layers
     assert model.skip_weights.shape == (num_layers // 2, DIM)
     assert len(model.blocks) == num_layers
     with torch.no_grad():
@@ -411,22 +411,25 @@ def test_qk_norm_rotary_without_a_gpu_is_the_reference():
         assert torch.equal(got, want)
 
 
-# -- relu^2 MLP ----------------------------------------------------------------------------------
+# -- act(h)^2 MLP (relu^2, leaky relu^2) -----------------------------------------------------------
 
 
-def test_relu2_mlp_function_matches_the_plain_mlp_and_its_gradients():
-    """ReLU2MLP's hand-written backward (the gradient at h taken as 2 sqrt(relu(h)^2)) against autograd
-    through the plain MLP in float64; on the CPU relu2_matmul runs its PyTorch form."""
+@pytest.mark.parametrize("slope", [0.0, 0.5])
+def test_act_squared_mlp_function_matches_the_plain_mlp_and_its_gradients(slope):
+    """ActSquaredMLP's hand-written backward (the gradient at h from the saved act(h)^2 for relu, from the
+    saved signed act(h) for a leaky slope) against autograd through the plain MLP in float64; on the
+    CPU act2_matmul runs its PyTorch form."""
     torch.manual_seed(3)
     tokens, dim, hidden = 64, 16, 48
     x = torch.randn(tokens, dim)
     fc, proj = torch.randn(hidden, dim) / dim**0.5, torch.randn(dim, hidden) / hidden**0.5
     grad = torch.randn(tokens, dim)
     leaves = [t.double().requires_grad_() for t in (x, fc, proj)]
-    (torch.relu(leaves[0] @ leaves[1].T).square() @ leaves[2].T).backward(grad.double())
-    want = [torch.relu(leaves[0] @ leaves[1].T).square() @ leaves[2].T] + [t.grad for t in leaves]
+    plain = torch.nn.functional.leaky_relu(leaves[0] @ leaves[1].T, slope).square() @ leaves[2].T
+    plain.backward(grad.double())
+    want = [plain.detach()] + [t.grad for t in leaves]
     xb, up, down = (t.bfloat16().requires_grad_() for t in (x, fc.T.contiguous(), proj))
-    out = tg.ReLU2MLP.apply(xb, up, down)
+    out = tg.ActSquaredMLP.apply(xb, up, down, slope)
     out.backward(grad.bfloat16())
     got = [out, xb.grad, up.grad.T, down.grad]
     for name, g, w in zip(["out", "dx", "dfc", "dproj"], got, want):
@@ -435,11 +438,184 @@ def test_relu2_mlp_function_matches_the_plain_mlp_and_its_gradients():
         assert err < 2e-2, (name, err)  # bf16 inputs and outputs; a wrong formula is off by far more
 
 
-def test_relu2_matmul_backward_form_is_the_gradient_at_the_pre_activation():
+@pytest.mark.parametrize("slope", [0.0, 0.5])
+def test_act2_matmul_backward_form_is_the_gradient_at_the_pre_activation(slope):
     torch.manual_seed(4)
     a, b = torch.randn(32, 8), torch.randn(8, 24)
     h = a @ b
-    post = tg.relu2_matmul(a, b, None)
-    torch.testing.assert_close(post, torch.relu(h).square())
+    act = torch.nn.functional.leaky_relu(h, slope)
+    if slope:
+        post, saved = tg.leaky2_matmul(a, b, slope)
+        torch.testing.assert_close(saved, act)
+    else:
+        post = saved = tg.act2_matmul(a, b, None, 0.0)
+    torch.testing.assert_close(post, act.square())
     g, w = torch.randn(32, 5), torch.randn(5, 24)
-    torch.testing.assert_close(tg.relu2_matmul(g, w, post), (g @ w) * 2 * torch.relu(h), rtol=1e-4, atol=1e-4)
+    derivative = 2 * act * torch.where(h > 0, 1.0, slope)
+    torch.testing.assert_close(tg.act2_matmul(g, w, saved, slope), (g @ w) * derivative, rtol=1e-4, atol=1e-4)
+
+
+def test_mlp_negative_slope_lets_negative_pre_activations_through():
+    torch.manual_seed(5)
+    mlp = tg.MLP(8, 2.0, neg_slope=0.5)
+    x = torch.randn(4, 8)
+    h = mlp.fc(x)
+    torch.testing.assert_close(mlp(x), mlp.proj(torch.where(h > 0, h, 0.5 * h).square()))
+    assert (h < 0).any()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or tg.triton is None, reason="the Triton kernels need a GPU")
+@pytest.mark.parametrize("slope", [0.0, 0.5])
+def test_act_squared_mlp_kernels_match_the_plain_path_on_the_gpu(slope):
+    torch.manual_seed(6)
+    mlp = tg.MLP(512, 3.0, neg_slope=slope).cuda()
+    x = torch.randn(4, 256, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(4, 256, 512, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for fused in (True, False):
+        x.grad = None
+        mlp.zero_grad()
+        if fused:
+            out = mlp(x)
+        else:
+            h = torch.nn.functional.linear(x, mlp.fc.weight.bfloat16())
+            out = torch.nn.functional.linear(tg.act2_reference(h, slope).square(), mlp.proj.weight.bfloat16())
+        out.backward(grad)
+        results.append([out.float(), x.grad.float(), mlp.fc.weight.grad.float(), mlp.proj.weight.grad.float()])
+    for name, got, want in zip(["out", "dx", "dfc", "dproj"], *results):
+        err = ((got - want).norm() / want.norm()).item()
+        assert err < 1e-2, (name, err)
+
+
+# -- the records' upgrades ------------------------------------------------------------------------
+
+
+def test_partial_rope_tables_rotate_only_the_first_pairs_at_a_narrow_heads_frequencies():
+    cos, sin = tg.rotary_tables(10, 16, 10000.0, rope_dims=4)
+    assert cos.shape == sin.shape == (1, 10, 1, 8)
+    pos = torch.arange(10, dtype=torch.float32)[:, None]
+    angles = pos * torch.tensor([1.0, 10000.0**-0.5])  # rope_dims 4: two pairs, frequencies base^(-j/2)
+    torch.testing.assert_close(cos[0, :, 0, :2], angles.cos())
+    torch.testing.assert_close(sin[0, :, 0, :2], angles.sin())
+    assert (cos[..., 2:] == 1).all() and (sin[..., 2:] == 0).all()  # the other pairs carry no position
+    full = tg.rotary_tables(10, 16, 10000.0, rope_dims=16)
+    assert all(torch.equal(a, b) for a, b in zip(full, tg.rotary_tables(10, 16, 10000.0)))
+
+
+def test_partial_rope_leaves_the_unrotated_dims_of_q_and_k_as_they_are():
+    torch.manual_seed(8)
+    cos, sin = tg.rotary_tables(6, 8, 10000.0, rope_dims=2)
+    x = torch.randn(1, 6, 2, 8)
+    y = tg.apply_rotary(x, cos, sin)
+    keep = [1, 2, 3, 5, 6, 7]  # pair (0, 4) rotates; pairs (1, 5), (2, 6), (3, 7) do not
+    torch.testing.assert_close(y[..., keep], x[..., keep])
+    assert not torch.allclose(y[:, 1:, :, [0, 4]], x[:, 1:, :, [0, 4]])
+
+
+def test_exclusive_attention_removes_each_heads_own_value_direction_only():
+    torch.manual_seed(9)
+    b, t, kv, group, d = 2, 5, 2, 3, 8
+    y = torch.randn(b, t, kv * group, d)
+    v = torch.randn(b, t, kv, d)
+    out = tg.exclusive(y, v)
+    own = v.repeat_interleave(group, dim=2)  # query head h shares kv head h // group
+    unit = own / own.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close((out * unit).sum(-1), torch.zeros(b, t, kv * group), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, y - (y * unit).sum(-1, keepdim=True) * unit, atol=1e-5, rtol=1e-5)
+    other = torch.randn(b, t, kv * group, d)
+    ortho = other - (other * unit).sum(-1, keepdim=True) * unit
+    torch.testing.assert_close(tg.exclusive(ortho, v), ortho, atol=1e-5, rtol=1e-5)  # nothing else is touched
+
+
+def test_xsa_last_n_sets_exclusive_attention_on_the_last_layers_only():
+    model = make_model(num_layers=4, xsa_last_n=2)
+    assert [blk.attn.xsa for blk in model.blocks] == [False, False, True, True]
+    plain, xsa = perturb(make_model(num_layers=4)), perturb(make_model(num_layers=4, xsa_last_n=2))
+    ids, targets = random_ids(1, 12), random_ids(1, 12, seed=2)
+    with torch.no_grad():
+        assert not torch.allclose(plain(ids, targets), xsa(ids, targets))
+
+
+def capture_inputs(module: torch.nn.Module, call):
+    seen = []
+    handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    try:
+        with torch.no_grad():
+            call()
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_ln_scale_damps_block_i_inputs_by_one_over_sqrt_i_plus_one():
+    model = perturb(make_model(num_layers=4, ln_scale=True))
+    ids, targets = random_ids(1, 12), random_ids(1, 12, seed=2)
+    for i, blk in enumerate(model.blocks):
+        for module in (blk.attn, blk.mlp):
+            (x,) = capture_inputs(module, lambda: model(ids, targets))
+            rms = x.float().square().mean(-1).sqrt()
+            torch.testing.assert_close(rms, torch.full_like(rms, (i + 1) ** -0.5), rtol=1e-3, atol=1e-4)
+
+
+def test_parallel_block_feeds_attention_and_mlp_the_same_input_and_adds_both():
+    torch.manual_seed(10)
+    blk = perturb(tg.Block(DIM, HEADS, KV_HEADS, 2.0, 10000.0, 1.5, 16, parallel=True))
+    x, x0 = torch.randn(2, 8, DIM), torch.randn(2, 8, DIM)
+    with torch.no_grad():
+        mixed = blk.resid_mix[0] * x + blk.resid_mix[1] * x0
+        h = tg.rms_norm(mixed)
+        want = mixed + blk.attn_scale * blk.attn(h) + blk.mlp_scale * blk.mlp(h)
+        torch.testing.assert_close(blk(x, x0), want)
+        blk.parallel = False
+        assert not torch.allclose(blk(x, x0), want)
+
+
+def test_parallel_last_n_sets_the_last_blocks_parallel():
+    assert [b.parallel for b in make_model(num_layers=5, parallel_last_n=2).blocks] == [False] * 3 + [True] * 2
+
+
+def test_skip_gates_start_as_an_even_blend_and_learn():
+    model = perturb(make_model(num_layers=4, skip_gates=True))
+    with torch.no_grad():
+        model.skip_gates.zero_()
+    x, skip = torch.randn(1, 3, DIM), torch.randn(1, 3, DIM)
+    with torch.no_grad():
+        torch.testing.assert_close(model.skip_in(1, x, skip), 0.5 * x + 0.5 * model.skip_weights[1] * skip)
+    model(random_ids(2, 12), random_ids(2, 12, seed=1)).mean().backward()
+    assert (model.skip_gates.grad.abs().sum(dim=1) > 0).all()
+
+
+def test_depth_recurrence_runs_the_looped_blocks_again_only_once_looping():
+    model = perturb(make_model(num_layers=4, loop_layers=(1, 2), loop_repeats=1))
+    assert model.orders == {False: [0, 1, 2, 3], True: [0, 1, 2, 1, 2, 3]}
+    assert model.skip_weights.shape == (3, DIM)  # skips pair the 6 virtual layers
+    calls = []
+    for i, blk in enumerate(model.blocks):
+        blk.register_forward_pre_hook(lambda m, args, i=i: calls.append(i))
+    ids, targets = random_ids(1, 12), random_ids(1, 12, seed=2)
+    with torch.no_grad():
+        plain = model(ids, targets)
+        assert calls == [0, 1, 2, 3]
+        calls.clear()
+        model.looping = True
+        looped = model(ids, targets)
+        assert calls == [0, 1, 2, 1, 2, 3]
+    assert not torch.allclose(plain, looped)
+
+
+def test_depth_recurrence_off_is_the_plain_model():
+    reference = perturb(make_model(num_layers=4))
+    model = make_model(num_layers=4, loop_layers=(1, 2), loop_repeats=1)
+    state = dict(reference.state_dict())
+    state["skip_weights"] = torch.cat([state["skip_weights"], torch.ones(1, DIM)])
+    model.load_state_dict(state)
+    ids, targets = random_ids(1, 12), random_ids(1, 12, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, targets), reference(ids, targets))
+
+
+def test_smear_gate_off_leaves_no_gate():
+    model = make_model(smear_gate=False)
+    assert model.smear is None and not any("smear" in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        assert torch.isfinite(model(random_ids(1, 8), random_ids(1, 8, seed=1))).all()

@@ -185,6 +185,25 @@ def test_muon_weight_decay_is_decoupled_from_the_update():
     torch.testing.assert_close(results[wd], p0 * (1 - lr * wd) - lr * update, atol=1e-5, rtol=0)
 
 
+def test_muon_row_norm_makes_the_update_blind_to_row_scales():
+    """MuonEq-R: rows are normalized before Newton-Schulz, so scaling one row of the gradient by 1000
+    leaves the update unchanged; without it, that row dominates the orthogonalized update."""
+    g = torch.Generator().manual_seed(3)
+    grad = torch.randn(16, 32, generator=g)
+    skewed = grad.clone()
+    skewed[0] *= 1000
+    updates = {}
+    for row_norm in (True, False):
+        for name, gr in (("plain", grad), ("skewed", skewed)):
+            p = torch.nn.Parameter(torch.zeros(16, 32))
+            p.grad = gr.clone()
+            tg.Muon([p], lr=1.0, momentum=0.0, ns_steps=5, weight_decay=0.0, row_norm=row_norm).step()
+            updates[row_norm, name] = p.detach().clone()
+    torch.testing.assert_close(updates[True, "plain"], updates[True, "skewed"], atol=2e-2, rtol=0)
+    assert (updates[False, "plain"] - updates[False, "skewed"]).abs().max() > 0.1
+    assert (updates[True, "plain"] - updates[False, "plain"]).abs().max() > 1e-3  # it acts on plain rows too
+
+
 def test_muon_updates_every_parameter_of_a_mixed_shape_group():
     shapes = [(8, 16), (16, 8), (8, 16), (12, 12), (20, 4)]
     torch.manual_seed(5)
@@ -206,7 +225,7 @@ def test_muon_updates_every_parameter_of_a_mixed_shape_group():
 
 def opt_args(**kw):
     base = dict(tied_embed_lr=0.03, scalar_lr=0.02, matrix_lr=0.04, weight_decay=0.04, beta1=0.9, beta2=0.95,
-                adam_eps=1e-8, muon_momentum=0.99, muon_backend_steps=NS_STEPS)
+                adam_eps=1e-8, muon_momentum=0.99, muon_backend_steps=NS_STEPS, muon_row_norm=0)
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -274,7 +293,8 @@ def test_build_optimizers_steps_every_parameter():
 
 
 def sched(**kw):
-    base = dict(lr_warmup_steps=10, iterations=1000, warmdown_iters=200, max_wallclock_seconds=0.0)
+    base = dict(lr_warmup_steps=10, iterations=1000, warmdown_iters=200, max_wallclock_seconds=0.0, warmdown_frac=0.0,
+                lr_floor=0.0)
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -338,6 +358,29 @@ def test_lr_multiplier_takes_whichever_warmdown_ends_first():
     # And the other way round: plenty of iterations left, the cap is close.
     args = sched(lr_warmup_steps=0, iterations=10**6, warmdown_iters=100, max_wallclock_seconds=10.0)
     assert tg.lr_multiplier(490, 9_800.0, args) == pytest.approx(0.1)
+
+
+def test_lr_multiplier_warmdown_fraction_is_linear_in_steps_without_a_cap():
+    args = sched(warmdown_frac=0.3)
+    for step in (100, 699, 700, 850, 1000):
+        assert tg.lr_multiplier(step, 0.0, args) == pytest.approx(min(1.0, (1000 - step) / 300)), step
+
+
+def test_lr_multiplier_warmdown_fraction_follows_the_clock_under_a_cap():
+    # 100 s cap, warmdown over the last 40%: at 80 s (80%) the multiplier is half, whatever the step.
+    args = sched(warmdown_frac=0.4, max_wallclock_seconds=100.0, iterations=10**6)
+    assert tg.lr_multiplier(50, 80_000.0, args) == pytest.approx(0.5)
+    assert tg.lr_multiplier(50, 50_000.0, args) == pytest.approx(1.0)
+    assert tg.lr_multiplier(50, 100_000.0, args) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("frac", [0.0, 0.5])
+def test_lr_multiplier_floor_is_where_the_warmdown_ends(frac):
+    args = sched(lr_floor=0.1, warmdown_frac=frac)
+    assert tg.lr_multiplier(1000, 0.0, args) == pytest.approx(0.1)
+    assert tg.lr_multiplier(500, 0.0, args) == pytest.approx(1.0)
+    mid = 900 if frac == 0 else 750  # half-way through the warmdown
+    assert tg.lr_multiplier(mid, 0.0, args) == pytest.approx(0.1 + 0.9 * 0.5)
 
 
 def test_lr_multiplier_decreases_as_elapsed_approaches_cap_at_a_fixed_step():

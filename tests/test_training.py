@@ -103,6 +103,31 @@ def test_accumulate_gradients_accumulates_across_calls_without_zero_grad():
         torch.testing.assert_close(p.grad, ref[name].grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("micro_steps", [1, 8])
+def test_one_or_eight_micro_steps_over_the_same_sequences_give_the_same_gradient(micro_steps):
+    """GRAD_ACCUM_STEPS only changes how a step's sequences are cut: 8 sequences in one micro-step or in
+    8 micro-steps of one give one gradient (the proxy runs 1, the competition 8 / WORLD_SIZE)."""
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randint(0, 64, (8, 16), generator=g), torch.randint(0, 64, (8, 16), generator=g)
+    model = tiny_model()
+    batches = iter(zip(x.chunk(micro_steps), y.chunk(micro_steps)))
+    tg.accumulate_gradients(model, batches, micro_steps, torch.device("cpu"))
+    reference = tiny_model()
+    reference(x, y).mean().backward()
+    ref = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        assert ref[name].grad.abs().max() > 0, name
+        torch.testing.assert_close(p.grad, ref[name].grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_grad_accum_steps_sets_the_micro_batch(tiny_corpus, tmp_path):
+    """TRAIN_BATCH_TOKENS stays the whole step: 2 micro-steps of 512 tokens take 4 sequences of 64 each."""
+    out = tmp_path / "out"
+    proc = run_script(tmp_path, **tiny_config(tiny_corpus, out, GRAD_ACCUM_STEPS=2, ITERATIONS=1, WARMUP_STEPS=0))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world_size=1 grad_accum=2 micro_batch=4x64" in (out / "train.log").read_text()
+
+
 # -----------------------------------------------------------------------------
 # The smoke run of run.sh
 
@@ -169,6 +194,8 @@ def test_fresh_machine_without_shards_exits_2_naming_the_missing_shards(tiny_cor
         pytest.param(dict(VOCAB_SIZE=1024), ("VOCAB_SIZE=1024", "512"), id="vocab_size_disagrees_with_tokenizer"),
         pytest.param(dict(TRAIN_BATCH_TOKENS=1000), ("TRAIN_BATCH_TOKENS=1000", "TRAIN_SEQ_LEN=64", "512"),
                      id="batch_not_divisible_by_8_seq_len"),
+        pytest.param(dict(GRAD_ACCUM_STEPS=16), ("TRAIN_BATCH_TOKENS=512", "1 x 16", "1024"),
+                     id="batch_not_whole_sequences_per_micro_step"),
         pytest.param(dict(WORLD_SIZE=3), ("WORLD_SIZE=3",), id="world_size_3"),
         pytest.param(dict(COMPRESSOR="gzip"), ("COMPRESSOR='gzip'", "auto, zstd or lzma"), id="unknown_compressor"),
     ],

@@ -8,6 +8,16 @@
   python3 tools/bench.py step [--steps 10]                                      # ms per bare training step
   python3 tools/bench.py pack                                                   # packing time and payload, on CPU
   python3 tools/bench.py compare A.log B.log                                    # per-step loss match
+  python3 tools/bench.py proxy [--t 180]                                        # quality on real text, 1 GPU
+
+`proxy` measures quality (../shared/docs/proxy.md): it builds shards of the proxy's real English text
+for the configured VOCAB_SIZE (cached under /tmp/proxy_spVOCAB), runs train_gpt.py on one GPU with one
+rank's share of a competition step (TRAIN_BATCH_TOKENS=98304, GRAD_ACCUM_STEPS=1), the wallclock cap
+T and every step-counted schedule (WARMDOWN_ITERS, MUON_MOMENTUM_WARMUP_STEPS, SWA_EVERY) scaled by
+T/600, and prints one line: final proxy val_bpb (round trip, sliding), pre-quantization bpb,
+quantization cost, steps, ms/step, artifact bytes. It appends that line, with the settings taken from
+the environment and the commit, to benchmarks/proxy_results.md. Any other setting passes through from
+the environment. A proxy number is never a FineWeb number.
 
 `train` runs the real script (torchrun) for a fixed number of steps at whatever configuration the
 environment sets (NUM_LAYERS=10 ..., exactly as for a real run) and reads its log: ms/step after
@@ -257,6 +267,65 @@ def run_compare(a) -> None:
             print(f"step {s}: {l1:.4f} {l2:.4f} ({l2 - l1:+.4f})")
 
 
+# The proxy protocol (../shared/docs/proxy.md): one rank's share of a competition step on one GPU, the
+# wallclock cut from 600 s to T, and every schedule counted in steps cut by the same factor.
+PROXY_BATCH_TOKENS = 98_304
+STEP_SCHEDULES = ("WARMDOWN_ITERS", "MUON_MOMENTUM_WARMUP_STEPS", "SWA_EVERY")
+PROXY_SET = ("DATA_PATH", "TOKENIZER_PATH", "TRAIN_BATCH_TOKENS", "GRAD_ACCUM_STEPS", "MAX_WALLCLOCK_SECONDS",
+             "VAL_LOSS_EVERY", "OUT_DIR", "ALLOW_OVER_CAP") + STEP_SCHEDULES
+PROXY_PATTERNS = dict(
+    final=r"^final_score val_loss:\S+ val_bpb:(\S+)", pre=r"^pre-quantization .* val_bpb:(\S+)",
+    cost=r"^round trip: .*quantization cost (\S+) bpb", steps=r"^training: (\d+) steps",
+    ms=r"^training: .*\(([\d.]+)ms/step\)", bytes=r"^artifact: ([\d,]+) bytes", gpu=r"^run .*device=\S+ \((.*)\)$",
+    eval_s=r"^evaluation took ([\d.]+)s")
+
+
+def proxy_env(args, t: float, data: Path, tokenizer: Path, out: Path) -> dict:
+    env = dict(os.environ, DATA_PATH=str(data), TOKENIZER_PATH=str(tokenizer), TRAIN_BATCH_TOKENS=str(PROXY_BATCH_TOKENS),
+               GRAD_ACCUM_STEPS="1", MAX_WALLCLOCK_SECONDS=str(t), VAL_LOSS_EVERY="0", OUT_DIR=str(out), ALLOW_OVER_CAP="1")
+    for name in STEP_SCHEDULES:
+        env[name] = str(max(1, round(getattr(args, name.lower()) * t / 600)))
+    return env
+
+
+def proxy_summary(log: str) -> dict:
+    found = {k: re.search(p, log, re.M) for k, p in PROXY_PATTERNS.items()}
+    return {k: m.group(1) if m else "?" for k, m in found.items()}
+
+
+def run_proxy(a) -> None:
+    """One proxy run: shards for the configured tokenizer (built once from the proxy text, then cached),
+    the script under the protocol, one summary line printed and appended to the results file."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("proxy_script", a.script)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = script.Hyperparameters()
+    changed = {k: os.environ[k] for k in script._SETTINGS if k in os.environ and k not in PROXY_SET}
+    tokenizer = Path(a.tokenizers) / f"fineweb_{args.vocab_size}_bpe.model"
+    data = Path(a.data or f"/tmp/proxy_sp{args.vocab_size}")
+    if not (data / "fineweb_val_000000.bin").exists():
+        from make_data import make_corpus_shards
+        t0 = time.time()
+        info = make_corpus_shards(str(Path(a.text) / "val.jsonl.xz"), str(Path(a.text) / "train.jsonl.xz"), str(tokenizer), str(data))
+        print(f"proxy shards in {time.time() - t0:.0f}s: {info}", flush=True)
+    out = Path(a.out)
+    cmd = [sys.executable, str(a.script)]
+    print("running:", " ".join(f"{k}={v}" for k, v in changed.items()), *cmd, flush=True)
+    subprocess.run(cmd, env=proxy_env(args, a.t, data, tokenizer, out), check=True)
+    r = proxy_summary((out / "train.log").read_text())
+    over = " OVER THE CAP" if r["bytes"] != "?" and int(r["bytes"].replace(",", "")) > 16_000_000 else ""
+    line = (f"proxy val_bpb (T={a.t:g}, 1x{r['gpu']}): final {r['final']} (round trip, sliding)  pre-quant {r['pre']}  "
+            f"quant cost {r['cost']}  steps {r['steps']}  ms/step {r['ms']}  artifact {r['bytes']} bytes{over}  eval {r['eval_s']}s")
+    print(line)
+    commit = os.environ.get("PROXY_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                                               capture_output=True, text=True).stdout.strip() or "?"
+    settings_text = " ".join(f"{k}={v}" for k, v in sorted(changed.items())) or "(defaults)"
+    with open(a.results, "a") as f:
+        f.write(f"| {time.strftime('%Y-%m-%d')} | {commit} | {settings_text} | {r['final']} | {r['pre']} | {r['cost']} | "
+                f"{r['steps']} | {r['ms']} | {r['bytes']}{over} | {r['gpu']}, T={a.t:g} |\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="mode", required=True)
@@ -279,8 +348,16 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=30)
     c = sub.add_parser("compare")
     c.add_argument("logs", nargs=2)
+    x = sub.add_parser("proxy")
+    x.add_argument("--t", type=float, default=180.0, help="wallclock seconds (the competition's 600 scaled)")
+    x.add_argument("--text", default=str(ROOT.parent / "shared" / "data" / "proxy"), help="folder of val/train.jsonl.xz")
+    x.add_argument("--tokenizers", default=str(ROOT.parent / "shared" / "data" / "tokenizers"))
+    x.add_argument("--data", default="", help="shard cache (default /tmp/proxy_spVOCAB)")
+    x.add_argument("--out", default="/tmp/proxy_out")
+    x.add_argument("--script", default=str(ROOT / "train_gpt.py"))
+    x.add_argument("--results", default=str(ROOT / "benchmarks" / "proxy_results.md"))
     a = ap.parse_args()
-    {"train": run_train, "eval": run_eval, "attention": run_attention, "profile": run_profile, "step": run_step, "pack": run_pack, "compare": run_compare}[a.mode](a)
+    {"proxy": run_proxy, "train": run_train, "eval": run_eval, "attention": run_attention, "profile": run_profile, "step": run_step, "pack": run_pack, "compare": run_compare}[a.mode](a)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 
   python3 tools/make_data.py text --out smoke/data          # generated prose + its own BPE tokenizer
   python3 tools/make_data.py markov --out /tmp/pg_bench     # large learnable token shards, sp1024 ids
+  python3 tools/make_data.py corpus --val V.jsonl.xz --train T.jsonl.xz --tokenizer M.model --out DIR
 
 `text`: documents of invented words (with accented letters, a few non-Latin characters and digits, so
 byte-fallback pieces appear), a SentencePiece BPE tokenizer trained on them with the challenge's
@@ -11,6 +12,8 @@ as BOS + pieces. No text is copied from anywhere: every word is drawn from rando
 `markov`: token shards for throughput runs, made fast with numpy: documents of phrases drawn from a
 fixed random phrase bank (Zipf-distributed ids), so the loss falls as a model learns the unigram
 distribution and then the bank, with some random noise tokens.
+`corpus`: shards of real text given as .jsonl(.xz) files of {"text": ...} lines (the proxy benchmark's
+text), encoded with any SentencePiece model on every core.
 """
 import argparse
 import random
@@ -119,6 +122,40 @@ def make_markov_shards(out_dir: str, train_tokens: int, val_tokens: int, vocab_s
     return dict(data_path=str(out), vocab_size=vocab_size, train_tokens=train_tokens, val_tokens=val_tokens)
 
 
+def read_jsonl_docs(path: str) -> list[str]:
+    """The "text" of each line of a .jsonl or .jsonl.xz file, skipping blank documents."""
+    import json
+    import lzma
+    with (lzma.open if path.endswith(".xz") else open)(path, "rt", encoding="utf-8") as f:
+        docs = (json.loads(line).get("text", "") for line in f if line.strip())
+        return [d for d in docs if d.strip()]
+
+
+def _encode_slice(job: tuple[str, list[str]]) -> np.ndarray:
+    return encode_docs(*job)
+
+
+def make_corpus_shards(val_file: str, train_file: str, tokenizer: str, out_dir: str, workers: int = 0,
+                       shard_tokens: int = 100_000_000) -> dict:
+    """Challenge-format shards of a real-text corpus (the proxy's .jsonl.xz files): the val split from
+    val_file, the train split from train_file, each document as BOS + pieces, in file order."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    workers = workers or os.cpu_count() or 1
+    info = dict(data_path=str(out), tokenizer=tokenizer)
+    with ProcessPoolExecutor(workers) as pool:
+        for split, path in (("val", val_file), ("train", train_file)):
+            docs = read_jsonl_docs(path)
+            step = -(-len(docs) // (4 * workers))
+            parts = pool.map(_encode_slice, [(tokenizer, docs[i : i + step]) for i in range(0, len(docs), step)])
+            tokens = np.concatenate(list(parts))
+            write_split(out, split, tokens, shard_tokens)
+            info[f"{split}_docs"], info[f"{split}_tokens"] = len(docs), len(tokens)
+    return info
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="mode", required=True)
@@ -134,8 +171,15 @@ def main() -> None:
     m.add_argument("--val-tokens", type=int, default=1_000_000)
     m.add_argument("--vocab", type=int, default=1024)
     m.add_argument("--seed", type=int, default=0)
+    c = sub.add_parser("corpus")
+    c.add_argument("--val", required=True, help="val.jsonl.xz: the validation split")
+    c.add_argument("--train", required=True, help="train.jsonl.xz: the training split")
+    c.add_argument("--tokenizer", required=True)
+    c.add_argument("--out", required=True)
     a = ap.parse_args()
-    if a.mode == "text":
+    if a.mode == "corpus":
+        info = make_corpus_shards(a.val, a.train, a.tokenizer, a.out)
+    elif a.mode == "text":
         info = make_text_shards(a.out, a.docs, a.val_docs, a.vocab, seed=a.seed)
     else:
         info = make_markov_shards(a.out, a.train_tokens, a.val_tokens, a.vocab, seed=a.seed)
