@@ -284,7 +284,8 @@ def proxy_env(args, t: float, data: Path, tokenizer: Path, out: Path) -> dict:
     env = dict(os.environ, DATA_PATH=str(data), TOKENIZER_PATH=str(tokenizer), TRAIN_BATCH_TOKENS=str(PROXY_BATCH_TOKENS),
                GRAD_ACCUM_STEPS="1", MAX_WALLCLOCK_SECONDS=str(t), VAL_LOSS_EVERY="0", OUT_DIR=str(out), ALLOW_OVER_CAP="1")
     for name in STEP_SCHEDULES:
-        env[name] = str(max(1, round(getattr(args, name.lower()) * t / 600)))
+        steps = getattr(args, name.lower())  # 0 (off) stays 0
+        env[name] = str(max(1, round(steps * t / 600)) if steps > 0 else 0)
     return env
 
 
