@@ -101,3 +101,19 @@ def test_markov_shards(tmp_path):
                        shards(other["data_path"], "train") + shards(other["data_path"], "val")):
         assert a.read_bytes() == b.read_bytes()
         assert a.read_bytes() != c.read_bytes()
+
+
+def test_corpus_shards_encode_each_document_as_bos_and_pieces_in_order(tmp_path, tiny_corpus, tiny_sp):
+    import json
+    import lzma
+    docs = ["Kalo miten rasu.", "", "Ve dor an is pel.", "Tha ne ro by."]
+    for name, part in (("val.jsonl.xz", docs[:2]), ("train.jsonl.xz", docs[2:])):
+        with lzma.open(tmp_path / name, "wt", encoding="utf-8") as f:
+            f.writelines(json.dumps({"text": d}) + "\n" for d in part)
+    info = md.make_corpus_shards(str(tmp_path / "val.jsonl.xz"), str(tmp_path / "train.jsonl.xz"),
+                                 tiny_corpus["tokenizer"], str(tmp_path / "out"), workers=2)
+    assert info["val_docs"] == 1 and info["train_docs"] == 2  # the blank document is skipped
+    for split, part in (("val", docs[:1]), ("train", docs[2:])):
+        (path,) = shards(tmp_path / "out", split)
+        want = [t for d in part for t in [tiny_sp.bos_id()] + tiny_sp.encode(d)]
+        assert read_shard(path)[1].tolist() == want

@@ -1,0 +1,28 @@
+"""tools/bench.py proxy: the protocol's settings and the summary it reads from a log."""
+from pathlib import Path
+from types import SimpleNamespace
+
+import bench
+
+
+def test_proxy_env_scales_step_schedules_by_t_over_600_and_keeps_off_ones_off(monkeypatch):
+    monkeypatch.setenv("EMA_DECAY", "0.997")
+    args = SimpleNamespace(warmdown_iters=3000, muon_momentum_warmup_steps=1500, swa_every=0)
+    env = bench.proxy_env(args, 180.0, Path("/d"), Path("/t.model"), Path("/o"))
+    assert (env["WARMDOWN_ITERS"], env["MUON_MOMENTUM_WARMUP_STEPS"], env["SWA_EVERY"]) == ("900", "450", "0")
+    assert env["TRAIN_BATCH_TOKENS"] == "98304" and env["GRAD_ACCUM_STEPS"] == "1"
+    assert env["MAX_WALLCLOCK_SECONDS"] == "180.0" and env["EMA_DECAY"] == "0.997"  # the rest passes through
+
+
+def test_proxy_summary_reads_the_scores_steps_and_bytes_of_a_log():
+    log = "\n".join([
+        "run ab on host: world_size=1 grad_accum=1 micro_batch=48x2048 device=cuda:0 (NVIDIA H100 80GB HBM3)",
+        "training: 2682 steps in 180.0s (67.11ms/step), peak memory 9.00 GiB",
+        "pre-quantization (averaged weights): val_loss:2.3 val_bpb:1.3408 (plain)",
+        "round trip: val_loss:2.3 val_bpb:1.3477 (plain, seq_len 2048) quantization cost +0.0069 bpb",
+        "artifact: 14,801,480 bytes = 70,000 code + 14,731,480 model (cap 16,000,000, 1 to spare)",
+        "evaluation took 30.5s",
+        "final_score val_loss:2.25 val_bpb:1.33520000 eval:sliding seq_len:2048 stride:64 bytes_total:14801480",
+    ])
+    assert bench.proxy_summary(log) == dict(final="1.33520000", pre="1.3408", cost="+0.0069", steps="2682", ms="67.11",
+                                            bytes="14,801,480", gpu="NVIDIA H100 80GB HBM3", eval_s="30.5")
