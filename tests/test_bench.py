@@ -2,16 +2,19 @@
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 import bench
 
 
 def test_proxy_env_scales_step_schedules_by_t_over_600_and_keeps_off_ones_off(monkeypatch):
-    monkeypatch.setenv("EMA_DECAY", "0.997")
-    args = SimpleNamespace(warmdown_iters=3000, muon_momentum_warmup_steps=1500, swa_every=0)
+    monkeypatch.setenv("SEED", "5")
+    args = SimpleNamespace(warmdown_iters=3000, muon_momentum_warmup_steps=1500, swa_every=0, ema_decay=0.997)
     env = bench.proxy_env(args, 180.0, Path("/d"), Path("/t.model"), Path("/o"))
     assert (env["WARMDOWN_ITERS"], env["MUON_MOMENTUM_WARMUP_STEPS"], env["SWA_EVERY"]) == ("900", "450", "0")
     assert env["TRAIN_BATCH_TOKENS"] == "98304" and env["GRAD_ACCUM_STEPS"] == "1"
-    assert env["MAX_WALLCLOCK_SECONDS"] == "180.0" and env["EMA_DECAY"] == "0.997"  # the rest passes through
+    assert float(env["EMA_DECAY"]) == pytest.approx(0.99)  # a horizon of 333 steps becomes 100
+    assert env["MAX_WALLCLOCK_SECONDS"] == "180.0" and env["SEED"] == "5"  # the rest passes through
 
 
 def test_proxy_summary_reads_the_scores_steps_and_bytes_of_a_log():

@@ -13,8 +13,8 @@
 `proxy` measures quality (../shared/docs/proxy.md): it builds shards of the proxy's real English text
 for the configured VOCAB_SIZE (cached under /tmp/proxy_spVOCAB), runs train_gpt.py on one GPU with one
 rank's share of a competition step (TRAIN_BATCH_TOKENS=98304, GRAD_ACCUM_STEPS=1), the wallclock cap
-T and every step-counted schedule (WARMDOWN_ITERS, MUON_MOMENTUM_WARMUP_STEPS, SWA_EVERY) scaled by
-T/600, and prints one line: final proxy val_bpb (round trip, sliding), pre-quantization bpb,
+T and every step-counted schedule (WARMDOWN_ITERS, MUON_MOMENTUM_WARMUP_STEPS, SWA_EVERY, and the EMA's
+horizon 1/(1-EMA_DECAY)) scaled by T/600, and prints one line: final proxy val_bpb (round trip, sliding), pre-quantization bpb,
 quantization cost, steps, ms/step, artifact bytes. It appends that line, with the settings taken from
 the environment and the commit, to benchmarks/proxy_results.md. Any other setting passes through from
 the environment. A proxy number is never a FineWeb number.
@@ -272,7 +272,7 @@ def run_compare(a) -> None:
 PROXY_BATCH_TOKENS = 98_304
 STEP_SCHEDULES = ("WARMDOWN_ITERS", "MUON_MOMENTUM_WARMUP_STEPS", "SWA_EVERY")
 PROXY_SET = ("DATA_PATH", "TOKENIZER_PATH", "TRAIN_BATCH_TOKENS", "GRAD_ACCUM_STEPS", "MAX_WALLCLOCK_SECONDS",
-             "VAL_LOSS_EVERY", "OUT_DIR", "ALLOW_OVER_CAP") + STEP_SCHEDULES
+             "VAL_LOSS_EVERY", "OUT_DIR", "ALLOW_OVER_CAP") + STEP_SCHEDULES  # EMA_DECAY too, but as given
 PROXY_PATTERNS = dict(
     final=r"^final_score val_loss:\S+ val_bpb:(\S+)", pre=r"^pre-quantization .* val_bpb:(\S+)",
     cost=r"^round trip: .*quantization cost (\S+) bpb", steps=r"^training: (\d+) steps",
@@ -283,6 +283,9 @@ PROXY_PATTERNS = dict(
 def proxy_env(args, t: float, data: Path, tokenizer: Path, out: Path) -> dict:
     env = dict(os.environ, DATA_PATH=str(data), TOKENIZER_PATH=str(tokenizer), TRAIN_BATCH_TOKENS=str(PROXY_BATCH_TOKENS),
                GRAD_ACCUM_STEPS="1", MAX_WALLCLOCK_SECONDS=str(t), VAL_LOSS_EVERY="0", OUT_DIR=str(out), ALLOW_OVER_CAP="1")
+    # An EMA's horizon, 1 / (1 - decay) steps, is a step schedule too: 1 - decay grows by 600 / T.
+    if args.ema_decay > 0:
+        env["EMA_DECAY"] = str(max(0.0, 1 - (1 - args.ema_decay) * 600 / t))
     for name in STEP_SCHEDULES:
         steps = getattr(args, name.lower())  # 0 (off) stays 0
         env[name] = str(max(1, round(steps * t / 600)) if steps > 0 else 0)
