@@ -167,6 +167,15 @@ class Hyperparameters:
         self.eval_stride = env("EVAL_STRIDE", 64)  # 0: plain non-overlapping windows
         self.eval_batch_seqs = env("EVAL_BATCH_SEQS", 32)
 
+        # Score-first test-time training on the validation text (0 epochs: off).
+        self.ttt_epochs = env("TTT_EPOCHS", 0)
+        self.ttt_chunk_tokens = env("TTT_CHUNK_TOKENS", 32768)
+        self.ttt_lr = env("TTT_LR", 0.002)  # cosine decay across chunks
+        self.ttt_momentum = env("TTT_MOMENTUM", 0.9)
+        self.ttt_grad_clip = env("TTT_GRAD_CLIP", 1.0)
+        self.ttt_batch_seqs = env("TTT_BATCH_SEQS", 32)  # over all ranks
+        self.ttt_freeze_blocks = env("TTT_FREEZE_BLOCKS", 0)
+
         # Compression and the submission.
         self.quant_bits = env("QUANT_BITS", "mlp:5,attn:6,embed:8,bigram:6,other:8")
         self.fp16_keep = env("FP16_KEEP", "")
@@ -349,7 +358,7 @@ class WeightAverager:
 
 
 # -----------------------------------------------------------------------------
-# Evaluation: bits per byte, plain and sliding-window
+# Evaluation: bits per byte, plain, sliding-window and with score-first test-time training
 
 
 def byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int, device) -> tuple[torch.Tensor, ...]:
@@ -395,40 +404,149 @@ def window_plan(n_tokens: int, seq_len: int, stride: int) -> tuple[np.ndarray, n
 
 
 @torch.no_grad()
-def evaluate(model, tokens: torch.Tensor, seq_len: int, stride: int, batch_seqs: int, luts,
-             rank: int = 0, world: int = 1) -> tuple[float, float]:
-    """(val_loss in nats per token, val_bpb) over every target of `tokens`; windows are split over
-    ranks and the sums reduced in float64."""
-    starts, first = window_plan(tokens.numel(), seq_len, stride)
-    length = min(seq_len, tokens.numel() - 1)
-    lo, hi = len(starts) * rank // world, len(starts) * (rank + 1) // world
-    starts, first = starts[lo:hi], first[lo:hi]
+def window_sums(model, tokens: torch.Tensor, starts: np.ndarray, first: np.ndarray, end: np.ndarray, length: int,
+                batch_seqs: int, luts) -> torch.Tensor:
+    """Float64 (nats, targets, bytes) over the windows tokens[s : s + length + 1], each scoring its
+    targets at offsets first..end-1."""
     device = tokens.device
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, targets, bytes
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
     offsets = torch.arange(length + 1, device=device)
     for i in range(0, len(starts), batch_seqs):
         s = torch.as_tensor(starts[i : i + batch_seqs], device=device)
         f = torch.as_tensor(first[i : i + batch_seqs], device=device)
+        e = torch.as_tensor(end[i : i + batch_seqs], device=device)
         pad = batch_seqs - s.numel()  # repeat a window that scores nothing: one compiled shape
         if pad:
             s = torch.cat([s, s[-1:].expand(pad)])
             f = torch.cat([f, torch.full((pad,), length, device=device)])
+            e = torch.cat([e, e[-1:].expand(pad)])
         window = tokens[s[:, None] + offsets].long()
         x, y = window[:, :-1], window[:, 1:]
         with autocast(device):
             losses = model(x, y)
-        scored = offsets[None, :-1] >= f[:, None]
+        scored = (offsets[None, :-1] >= f[:, None]) & (offsets[None, :-1] < e[:, None])
         sums[0] += losses.double()[scored].sum()
         sums[1] += scored.sum()
         sums[2] += target_bytes(x, y, luts)[scored].sum()
+    return sums
+
+
+def rank_share(n: int, rank: int, world: int) -> slice:
+    """This rank's contiguous share of n items."""
+    return slice(n * rank // world, n * (rank + 1) // world)
+
+
+def loss_and_bpb(sums: torch.Tensor) -> tuple[float, float]:
+    """(nats per target, bits per byte) from every rank's float64 (nats, targets, bytes)."""
     if dist.is_initialized():
         dist.all_reduce(sums)
     nats, count, nbytes = sums.tolist()
     return nats / count, nats / math.log(2) / nbytes
 
 
+def evaluate(model, tokens: torch.Tensor, seq_len: int, stride: int, batch_seqs: int, luts,
+             rank: int = 0, world: int = 1) -> tuple[float, float]:
+    """(val_loss in nats per token, val_bpb) over every target of `tokens`; windows are split over
+    ranks and the sums reduced in float64."""
+    starts, first = window_plan(tokens.numel(), seq_len, stride)
+    length = min(seq_len, tokens.numel() - 1)
+    share = rank_share(len(starts), rank, world)
+    end = np.full_like(starts, length)
+    return loss_and_bpb(window_sums(model, tokens, starts[share], first[share], end[share], length, batch_seqs, luts))
+
+
 def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def sync_time(device: torch.device) -> float:
+    """Seconds on the host clock once the GPU has done all it was given."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+# Score-first test-time training (TTT). The targets are cut in order into chunks of TTT_CHUNK_TOKENS.
+# Each chunk is scored in full by the model as it stands, and only then does the model train on it,
+# so no target's score depends on an update that saw it; the last chunk is scored and never trained.
+
+
+def chunk_windows(n_tokens: int, seq_len: int, stride: int, chunk_tokens: int) -> list[tuple[np.ndarray, ...]]:
+    """window_plan's windows cut at chunk boundaries: for chunk c (targets tokens[1 + c * chunk_tokens :
+    1 + (c + 1) * chunk_tokens]) the windows (start, first, end) that score its targets, at offsets
+    first..end-1. A window whose targets straddle a boundary appears in both chunks with the same
+    context, so every target is still scored exactly once, and in its own chunk."""
+    starts, first = window_plan(n_tokens, seq_len, stride)
+    length = min(seq_len, n_tokens - 1)
+    first_target, last_target = starts + first + 1, starts + length  # both increase from window to window
+    chunks = []
+    for lo in range(1, n_tokens, chunk_tokens):
+        hi = min(lo + chunk_tokens, n_tokens)  # this chunk's targets: tokens[lo:hi]
+        i, j = np.searchsorted(last_target, lo), np.searchsorted(first_target, hi)
+        s = starts[i:j]
+        chunks.append((s, np.maximum(first[i:j], lo - 1 - s), np.minimum(length, hi - 1 - s)))
+    return chunks
+
+
+def ttt_parameters(model: nn.Module, freeze_blocks: int) -> list[nn.Parameter]:
+    """The parameters TTT adapts: all but those of the first `freeze_blocks` blocks, which stop taking gradients."""
+    for p in model.blocks[:freeze_blocks].parameters():
+        p.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def train_on_chunk(model, params: list[nn.Parameter], opt: torch.optim.Optimizer, tokens: torch.Tensor, c: int,
+                   seq_len: int, args, rank: int, world: int) -> None:
+    """TTT_EPOCHS passes of SGD over chunk c, whose targets are tokens[1 + c * chunk : 1 + (c + 1) * chunk],
+    in sequences of seq_len (the last flush with the chunk's end) and batches of TTT_BATCH_SEQS split
+    over ranks; the gradients are summed over ranks, so every rank takes the whole batch's mean and
+    keeps the same model."""
+    chunk = args.ttt_chunk_tokens
+    length = min(seq_len, chunk)
+    starts = c * chunk + window_plan(chunk + 1, length, 0)[0]
+    offsets = torch.arange(length + 1, device=tokens.device)
+    for _ in range(args.ttt_epochs):
+        for i in range(0, len(starts), args.ttt_batch_seqs):
+            batch = starts[i : i + args.ttt_batch_seqs]
+            mine = torch.as_tensor(batch[rank_share(len(batch), rank, world)], device=tokens.device)
+            opt.zero_grad(set_to_none=False)
+            if mine.numel():
+                window = tokens[mine[:, None] + offsets].long()
+                with autocast(tokens.device):
+                    losses = model(window[:, :-1], window[:, 1:])
+                (losses.sum() / (len(batch) * length)).backward()
+            if dist.is_initialized():
+                flat = torch.cat([p.grad.flatten().float() for p in params])
+                dist.all_reduce(flat)
+                for p, g in zip(params, flat.split([p.numel() for p in params])):
+                    p.grad.copy_(g.view_as(p))
+            if args.ttt_grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, args.ttt_grad_clip)
+            opt.step()
+
+
+def evaluate_ttt(model, params: list[nn.Parameter], tokens: torch.Tensor, seq_len: int, stride: int, luts, args,
+                 rank: int = 0, world: int = 1) -> tuple[float, float, float, float]:
+    """(val_loss, val_bpb, scoring seconds, adaptation seconds) with score-first TTT of `params`, which
+    belong to `model` and change in place. Each chunk's windows are split over ranks as in evaluate()."""
+    chunks = chunk_windows(tokens.numel(), seq_len, stride, args.ttt_chunk_tokens)
+    length = min(seq_len, tokens.numel() - 1)
+    opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
+    for p in params:
+        p.grad = torch.zeros_like(p)  # kept: a rank without a sequence in some step still all-reduces zeros
+    sums = torch.zeros(3, dtype=torch.float64, device=tokens.device)
+    score_s = adapt_s = 0.0
+    for c, (starts, first, end) in enumerate(chunks):
+        t0 = sync_time(tokens.device)
+        share = rank_share(len(starts), rank, world)
+        sums += window_sums(model, tokens, starts[share], first[share], end[share], length, args.eval_batch_seqs, luts)
+        t1 = sync_time(tokens.device)
+        score_s += t1 - t0
+        if c + 1 < len(chunks):
+            opt.param_groups[0]["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (len(chunks) - 1)))
+            train_on_chunk(model, params, opt, tokens, c, seq_len, args, rank, world)
+            adapt_s += sync_time(tokens.device) - t1
+    return *loss_and_bpb(sums), score_s, adapt_s
 
 
 # -----------------------------------------------------------------------------
@@ -1357,23 +1475,18 @@ def main() -> None:
             opt.step()
         return loss, lr_mul
 
-    def sync_time() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
     # Compile warm-up: real steps, then every weight, optimizer state and the data stream rewound.
     if args.warmup_steps > 0:
         saved_model = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
         saved_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-        t0 = sync_time()
+        t0 = sync_time(device)
         for i in range(args.warmup_steps):  # the second half with looped layers, if any: both graphs compile now
             train_step(args.iterations if 2 * i >= args.warmup_steps else 0, 0.0)
         base_model.load_state_dict(saved_model)
         for opt, state in zip(optimizers, saved_opts):
             opt.load_state_dict(state)
         loader.reset()
-        log(f"warm-up: {args.warmup_steps} steps in {sync_time() - t0:.1f}s (compile), state restored")
+        log(f"warm-up: {args.warmup_steps} steps in {sync_time(device) - t0:.1f}s (compile), state restored")
 
     cap_ms = 1000 * args.max_wallclock_seconds
     clock_group = dist.new_group(backend="gloo") if world > 1 else None
@@ -1457,7 +1570,7 @@ def main() -> None:
         f"(cap {ARTIFACT_CAP_BYTES:,}, {ARTIFACT_CAP_BYTES - code_bytes - model_bytes:,} to spare)")
     bytes_total = check_artifact_size(code_bytes, model_bytes, bool(args.allow_over_cap))
 
-    t_eval = sync_time()
+    t_eval = sync_time(device)
     fresh = build_model(args, sp.bos_id()).to(device)
     fresh.looping = base_model.looping
     fresh.load_state_dict(unpack_model(artifact.read_bytes()))
@@ -1465,12 +1578,21 @@ def main() -> None:
     q_loss, q_bpb = evaluate(scorer, val_tokens, eval_seq_len, 0, args.eval_batch_seqs, luts, rank, world)
     log(f"round trip: val_loss:{q_loss:.4f} val_bpb:{q_bpb:.4f} (plain, seq_len {eval_seq_len}) "
         f"quantization cost {q_bpb - pre_bpb:+.4f} bpb")
-    mode = "plain"
-    if args.eval_stride:
-        mode = "sliding"
+    mode = "sliding" if args.eval_stride else "plain"
+    if args.ttt_epochs:
+        mode += "+ttt"  # replaces the sliding score: the same windows, each chunk's scored before TTT trains on it
+        q_loss, q_bpb, score_s, adapt_s = evaluate_ttt(scorer, ttt_parameters(fresh, args.ttt_freeze_blocks), val_tokens,
+                                                       eval_seq_len, args.eval_stride, luts, args, rank, world)
+        log(f"round trip: val_loss:{q_loss:.4f} val_bpb:{q_bpb:.4f} ({mode}, seq_len {eval_seq_len} stride "
+            f"{args.eval_stride or eval_seq_len}, chunks of {args.ttt_chunk_tokens} tokens)")
+        # Both parts split over ranks (windows, and each step's sequences), so 8 GPUs take about world/8 of
+        # the time; adaptation less well, as its all-reduces do not shrink and its per-GPU batches do.
+        log(f"ttt time on {world} rank(s): scoring {score_s:.1f}s + adaptation {adapt_s:.1f}s; on 8 GPUs about "
+            f"{score_s * world / 8:.1f}s + {adapt_s * world / 8:.1f}s (linear in ranks; adaptation likely more)")
+    elif args.eval_stride:
         q_loss, q_bpb = evaluate(scorer, val_tokens, eval_seq_len, args.eval_stride, args.eval_batch_seqs, luts, rank, world)
         log(f"round trip: val_loss:{q_loss:.4f} val_bpb:{q_bpb:.4f} (sliding, seq_len {eval_seq_len} stride {args.eval_stride})")
-    log(f"evaluation took {sync_time() - t_eval:.1f}s")
+    log(f"evaluation took {sync_time(device) - t_eval:.1f}s")
 
     if rank == 0:
         hardware = f"{world}x {torch.cuda.get_device_name(device)}" if device.type == "cuda" else f"{world}x CPU"
@@ -1482,7 +1604,7 @@ def main() -> None:
                           bytes_total=bytes_total, bytes_code=code_bytes, blurb=blurb)
         (out_dir / "submission.json").write_text(json.dumps(submission, indent=2) + "\n")
     log(f"final_score val_loss:{q_loss:.8f} val_bpb:{q_bpb:.8f} eval:{mode} seq_len:{eval_seq_len} "
-        f"stride:{args.eval_stride if mode == 'sliding' else eval_seq_len} bytes_total:{bytes_total}")
+        f"stride:{args.eval_stride or eval_seq_len} bytes_total:{bytes_total}")
     if world > 1:
         # Gloo's worker threads need the GIL to free a finished collective's tensors, and the group's
         # destructor joins them while holding it: a rank that tore the group down right after its last

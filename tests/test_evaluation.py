@@ -1,12 +1,17 @@
 """Evaluation: bytes per target (the bpb denominator), the sliding-window plan, and evaluate() checked
 against brute-force scoring that runs the model on exactly the context each target is given."""
+import copy
 import math
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import train_gpt as tg
 from conftest import SHARED_TOKENIZER
@@ -377,3 +382,174 @@ def test_val_bpb_is_nats_over_ln2_over_bytes_by_hand():
         loss, bpb = tg.evaluate(FixedLoss(), tokens, seq_len, stride, 2, luts)
         assert loss == pytest.approx(2.8 / 6, rel=1e-6)
         assert bpb == pytest.approx(2.8 / math.log(2) / 15, rel=1e-6)
+
+
+# -- score-first test-time training ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,seq_len,stride", PLANS)
+@pytest.mark.parametrize("chunk", [1, 3, 7, 16, 36, 1000])
+def test_chunk_windows_score_every_target_once_in_its_own_chunk_with_unchanged_context(n, seq_len, stride, chunk):
+    """Cutting the windows at chunk boundaries keeps window_plan's context for every target, scores each
+    target exactly once, and only in the chunk that holds it, chunk after chunk in order."""
+    length = min(seq_len, n - 1)
+    starts, first = tg.window_plan(n, seq_len, stride)
+    plan_start = {s + j + 1: s for s, f in zip(starts.tolist(), first.tolist()) for j in range(f, length)}
+    chunks = tg.chunk_windows(n, seq_len, stride, chunk)
+    assert len(chunks) == math.ceil((n - 1) / chunk)
+    scored = []
+    for c, (s, f, e) in enumerate(chunks):
+        assert len(s) == len(f) == len(e) >= 1
+        assert np.all(f < e) and np.all(f >= 0) and np.all(e <= length)  # every piece scores something
+        for start, lo, hi in zip(s.tolist(), f.tolist(), e.tolist()):
+            for j in range(lo, hi):
+                t = start + j + 1
+                assert 1 + c * chunk <= t < 1 + (c + 1) * chunk  # in its own chunk
+                assert plan_start[t] == start  # the same window, so the same context, as plain sliding
+                scored.append(t)
+    assert scored == list(range(1, n))  # each target once, in order
+
+
+def ttt_args(**overrides) -> SimpleNamespace:
+    args = dict(ttt_epochs=3, ttt_chunk_tokens=36, ttt_lr=0.5, ttt_momentum=0.9, ttt_grad_clip=0.0, ttt_batch_seqs=2,
+                eval_batch_seqs=3)
+    args.update(overrides)
+    return SimpleNamespace(**args)
+
+
+def reference_ttt(model, tokens, seq_len, stride, luts, args, update_first=False):
+    """Score-first TTT written out plainly: each target of chunk c scored on its own, on exactly the context
+    plain sliding evaluation gives it, by a copy of the model that has trained on chunks 0..c-1 only.
+    Training tiles a chunk's targets with sequences of min(seq_len, chunk), the last flush with its end,
+    in batches of TTT_BATCH_SEQS, one SGD step on each batch's mean loss, LR cosine over the chunks.
+    update_first=True is the leak the order forbids: train on a chunk, then score it."""
+    model = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=args.ttt_lr, momentum=args.ttt_momentum)
+    n, chunk = tokens.numel(), args.ttt_chunk_tokens
+    n_chunks = math.ceil((n - 1) / chunk)
+    length = min(seq_len, chunk)
+    nats, count, nbytes = 0.0, 0, 0
+
+    def train(c):
+        seqs = [c * chunk + k * length for k in range(chunk // length)] + ([c * chunk + chunk - length] if chunk % length else [])
+        opt.param_groups[0]["lr"] = args.ttt_lr * (1 + math.cos(math.pi * c / (n_chunks - 1))) / 2
+        for _ in range(args.ttt_epochs):
+            for i in range(0, len(seqs), args.ttt_batch_seqs):
+                batch = torch.stack([tokens[s : s + length + 1].long() for s in seqs[i : i + args.ttt_batch_seqs]])
+                opt.zero_grad()
+                model(batch[:, :-1], batch[:, 1:]).mean().backward()
+                if args.ttt_grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.ttt_grad_clip)
+                opt.step()
+
+    for c in range(n_chunks):
+        last = c == n_chunks - 1
+        if update_first and not last:
+            train(c)
+        for t in range(1 + c * chunk, min(1 + (c + 1) * chunk, n)):
+            nats += token_loss(model, tokens[window_start_for_target(t, n, seq_len, stride) : t], int(tokens[t]))
+            nbytes += int(tg.target_bytes(tokens[t - 1 : t].long(), tokens[t : t + 1].long(), luts))
+            count += 1
+        if not update_first and not last:
+            train(c)
+    assert count == n - 1
+    return nats / count, nats / math.log(2) / nbytes
+
+
+def run_ttt(model, tokens, seq_len, stride, luts, args, rank=0, world=1):
+    """evaluate_ttt on a copy of the model: (loss, bpb), and the adapted copy."""
+    model = copy.deepcopy(model)
+    loss, bpb, score_s, adapt_s = tg.evaluate_ttt(model, list(model.parameters()), tokens, seq_len, stride, luts, args,
+                                                  rank, world)
+    assert score_s > 0 and adapt_s >= 0
+    return (loss, bpb), model
+
+
+def test_ttt_scores_each_chunk_with_the_model_trained_only_on_the_chunks_before_it(eval_setup):
+    """With a large learning rate the tiny model memorizes what it trains on, so a chunk scored after
+    training on it would score far lower. evaluate_ttt must match the plain score-first reference, and
+    not the update-first one."""
+    model, tokens, luts = eval_setup
+    args = ttt_args()
+    got, _ = run_ttt(model, tokens, 16, 5, luts, args)
+    score_first = reference_ttt(model, tokens, 16, 5, luts, args)
+    update_first = reference_ttt(model, tokens, 16, 5, luts, args, update_first=True)
+    plain = tg.evaluate(model, tokens, 16, 5, 3, luts)
+    assert update_first[0] < score_first[0] - 1.0  # memorized: the leak would be plain to see
+    assert score_first[0] != pytest.approx(plain[0], rel=1e-3)  # and TTT does change the score
+    assert got == pytest.approx(score_first, rel=1e-5)
+
+
+def test_ttt_with_one_chunk_is_the_sliding_evaluation_bit_for_bit(eval_setup):
+    """The last chunk is scored and never trained on: one chunk holding every target is plain evaluate()."""
+    model, tokens, luts = eval_setup
+    for seq_len, stride in [(24, 5), (16, 0), (200, 40)]:
+        got, adapted = run_ttt(model, tokens, seq_len, stride, luts, ttt_args(ttt_chunk_tokens=tokens.numel() - 1))
+        assert got == tg.evaluate(model, tokens, seq_len, stride, 3, luts)
+        for a, b in zip(adapted.parameters(), model.parameters()):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("chunk", [5, 36, 100])
+def test_ttt_without_learning_scores_every_target_once_like_evaluate(eval_setup, chunk):
+    """LR 0: the chunked scoring alone, which must reproduce evaluate's nats, target count and bytes."""
+    model, tokens, luts = eval_setup
+    got, _ = run_ttt(model, tokens, 24, 5, luts, ttt_args(ttt_chunk_tokens=chunk, ttt_lr=0.0))
+    assert got == pytest.approx(tg.evaluate(model, tokens, 24, 5, 3, luts), rel=1e-9)
+    tokens_fixed = torch.tensor([1, 4, 5, 6, 1, 7, 5], dtype=torch.int32)  # FixedLoss: the sums by hand
+    base = torch.tensor([0, 0, 0, 0, 2, 3, 1, 4], dtype=torch.int32)
+    space = torch.tensor([0, 0, 0, 0, 0, 1, 0, 1], dtype=torch.bool)
+    boundary = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0], dtype=torch.bool)
+    fixed = FixedLossWithWeight()
+    loss, bpb, _, _ = tg.evaluate_ttt(fixed, list(fixed.parameters()), tokens_fixed, 4, 1, (base, space, boundary),
+                                      ttt_args(ttt_chunk_tokens=chunk % 4 + 1))
+    assert loss == pytest.approx(2.8 / 6, rel=1e-6) and bpb == pytest.approx(2.8 / math.log(2) / 15, rel=1e-6)
+
+
+class FixedLossWithWeight(FixedLoss):
+    """FixedLoss with a weight that TTT can train and that changes nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, y):
+        return super().forward(x, y) + 0 * self.w
+
+
+def test_ttt_freezes_the_first_blocks_and_adapts_the_rest(eval_setup):
+    model, tokens, luts = eval_setup
+    model = copy.deepcopy(model)
+    before = copy.deepcopy(model)
+    params = tg.ttt_parameters(model, 1)
+    frozen = {id(p) for p in model.blocks[0].parameters()}
+    assert {id(p) for p in params} == {id(p) for p in model.parameters()} - frozen
+    tg.evaluate_ttt(model, params, tokens, 16, 5, luts, ttt_args(ttt_lr=0.05))
+    for (name, a), b in zip(model.named_parameters(), before.parameters()):
+        assert torch.equal(a, b) == name.startswith("blocks.0."), name
+
+
+def ttt_rank(rank, world, init_file, model, tokens, luts, args, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        score, adapted = run_ttt(model, tokens, 16, 5, luts, args, rank, world)
+        torch.save((score, adapted.state_dict()), Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()
+        time.sleep(0.2)  # see the end of train_gpt.main: lets gloo's workers free their tensors
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ttt_on_two_gloo_processes_matches_one_process(eval_setup, tmp_path):
+    """Two ranks split each chunk's windows and each step's sequences (one rank holds none in some steps)
+    and all-reduce the gradients: the score is one process's, and both ranks end with its model."""
+    model, tokens, luts = eval_setup
+    args = ttt_args(ttt_lr=0.05, ttt_grad_clip=1.0, ttt_batch_seqs=3)
+    one, adapted = run_ttt(model, tokens, 16, 5, luts, args)
+    mp.spawn(ttt_rank, args=(2, tmp_path / "store", model, tokens, luts, args, tmp_path), nprocs=2, join=True)
+    for rank in range(2):
+        score, state = torch.load(tmp_path / f"rank{rank}.pt")
+        assert score == pytest.approx(one, rel=1e-6)
+        for name, p in adapted.state_dict().items():
+            torch.testing.assert_close(state[name], p, rtol=1e-5, atol=1e-6, msg=name)
