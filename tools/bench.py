@@ -9,6 +9,7 @@
   python3 tools/bench.py pack                                                   # packing time and payload, on CPU
   python3 tools/bench.py compare A.log B.log                                    # per-step loss match
   python3 tools/bench.py proxy [--t 180]                                        # quality on real text, 1 GPU
+  python3 tools/bench.py score --artifact A.ptz [--ttt-lrs 0.002,0.005]         # re-score an artifact, TTT variants
 
 `proxy` measures quality (../shared/docs/proxy.md): it builds shards of the proxy's real English text
 for the configured VOCAB_SIZE (cached under /tmp/proxy_spVOCAB), runs train_gpt.py on one GPU with one
@@ -330,6 +331,40 @@ def run_proxy(a) -> None:
                 f"{r['steps']} | {r['ms']} | {r['bytes']}{over} | {r['gpu']}, T={a.t:g} |\n")
 
 
+def run_score(a) -> None:
+    """Score one artifact as the script's round trip does (the model shape from the environment), plain and
+    sliding, then with score-first TTT at each learning rate of --ttt-lrs (TTT_* settings from the
+    environment; the weights are reloaded from the file before each): compares evaluations without
+    retraining. Proxy text and tokenizer as for `proxy`."""
+    import numpy as np
+    import sentencepiece as spm
+    import torch
+    import train_gpt as tg
+    args = tg.Hyperparameters()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sp = spm.SentencePieceProcessor(model_file=args.tokenizer_path)
+    luts = tg.byte_luts(sp, args.vocab_size, device)
+    val = torch.from_numpy(tg.load_val_tokens(str(Path(args.data_path) / "fineweb_val_*.bin"), args.vocab_size, 0)
+                           .astype(np.int32)).to(device)
+    seq_len = args.eval_seq_len or args.train_seq_len
+    state = tg.unpack_model(Path(a.artifact).read_bytes())
+    model = tg.build_model(args, sp.bos_id()).to(device)
+    model.looping = args.loop_repeats > 0  # a run that reached LOOP_START_FRAC
+    model.load_state_dict(state)
+    scorer = torch.compile(model, dynamic=False) if args.compile else model
+    for stride in (0, args.eval_stride):
+        t0 = tg.sync_time(device)
+        loss, bpb = tg.evaluate(scorer, val, seq_len, stride, args.eval_batch_seqs, luts)
+        print(f"score {'sliding' if stride else 'plain'}: val_loss {loss:.4f} val_bpb {bpb:.5f} in {tg.sync_time(device) - t0:.1f}s", flush=True)
+    for lr in filter(None, a.ttt_lrs.split(",")):
+        args.ttt_lr = float(lr)
+        model.load_state_dict(state)
+        params = tg.ttt_parameters(model, args.ttt_freeze_blocks)
+        loss, bpb, score_s, adapt_s = tg.evaluate_ttt(scorer, params, val, seq_len, args.eval_stride, luts, args)
+        print(f"score sliding+ttt lr {lr} epochs {args.ttt_epochs} chunk {args.ttt_chunk_tokens}: val_loss {loss:.4f} "
+              f"val_bpb {bpb:.5f}, scoring {score_s:.1f}s + adaptation {adapt_s:.1f}s", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="mode", required=True)
@@ -360,8 +395,11 @@ def main() -> None:
     x.add_argument("--out", default="/tmp/proxy_out")
     x.add_argument("--script", default=str(ROOT / "train_gpt.py"))
     x.add_argument("--results", default=str(ROOT / "benchmarks" / "proxy_results.md"))
+    sc = sub.add_parser("score")
+    sc.add_argument("--artifact", default="/tmp/proxy_out/final_model.ptz")
+    sc.add_argument("--ttt-lrs", default="", help="comma-separated TTT learning rates to try (TTT_EPOCHS must be > 0)")
     a = ap.parse_args()
-    {"proxy": run_proxy, "train": run_train, "eval": run_eval, "attention": run_attention, "profile": run_profile, "step": run_step, "pack": run_pack, "compare": run_compare}[a.mode](a)
+    {"score": run_score, "proxy": run_proxy, "train": run_train, "eval": run_eval, "attention": run_attention, "profile": run_profile, "step": run_step, "pack": run_pack, "compare": run_compare}[a.mode](a)
 
 
 if __name__ == "__main__":
