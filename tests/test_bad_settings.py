@@ -15,6 +15,7 @@ import time
 import pytest
 
 import train_gpt as tg
+from test_hyperparameters import SETTING_NAMES  # the settings the script reads, from its own registry
 from test_training import SCRIPT, assert_setup_error, clean_env, tiny_config
 
 BAD_VALUES = {
@@ -98,18 +99,6 @@ AGAINST_DATA = {
 }
 
 
-def registry() -> list[str]:
-    """The settings the script reads, from its own registry."""
-    saved = dict(tg._SETTINGS)
-    tg._SETTINGS.clear()
-    try:
-        tg.Hyperparameters()
-        return sorted(tg._SETTINGS)
-    finally:
-        tg._SETTINGS.clear()
-        tg._SETTINGS.update(saved)
-
-
 def escaped(raw: str) -> str:
     """The value as the one-line error shows it."""
     return raw.encode("unicode_escape").decode()
@@ -124,9 +113,9 @@ def the_error_line(code: int, stderr: str, name: str) -> str:
 
 
 def test_every_setting_has_a_bad_example():
-    missing = sorted(set(registry()) - set(BAD_VALUES))
+    missing = sorted(set(SETTING_NAMES) - set(BAD_VALUES))
     assert not missing, f"add a bad example for {missing} to BAD_VALUES (and a range to its env() call)"
-    assert not set(BAD_VALUES) - set(registry()), "BAD_VALUES names a setting the script no longer reads"
+    assert not set(BAD_VALUES) - set(SETTING_NAMES), "BAD_VALUES names a setting the script no longer reads"
 
 
 @pytest.mark.parametrize("name", sorted(BAD_VALUES))
@@ -177,7 +166,7 @@ def test_out_dir_that_cannot_be_written_is_one_error_line(run_in_process, tiny_c
                                   dict(WEIGHT_DECAY=33), dict(NAME="Ünïcode name — fine"), dict(FP16_KEEP="")],
                          ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
 def test_values_at_the_edge_of_their_range_are_accepted(monkeypatch, tiny_corpus, tmp_path, good):
-    for name in registry():
+    for name in SETTING_NAMES:
         monkeypatch.delenv(name, raising=False)
     for name, value in tiny_config(tiny_corpus, tmp_path, **good).items():
         monkeypatch.setenv(name, str(value))
