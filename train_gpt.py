@@ -18,6 +18,7 @@ import lzma
 import math
 import os
 import random
+import signal
 import socket
 import sys
 import time
@@ -64,14 +65,68 @@ class SetupError(Exception):
     """A bad input or setting: reported as one line saying what is wrong and how to fix it."""
 
 
+class Stopped(BaseException):
+    """SIGINT or SIGTERM arrived. A BaseException, like KeyboardInterrupt, so that no `except Exception`
+    on the way out swallows it; main() marks the log as not finished as it passes."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def raise_stopped(signum, frame):
+    raise Stopped(signum)
+
+
 # -----------------------------------------------------------------------------
 # Hyperparameters
+
+# Every setting is read by env(NAME, default, range), which checks the value against its range at once, before
+# anything heavy runs. Ranges that involve several settings are checked at the end of Hyperparameters, the
+# ones that need the validation split by check_against_val_split. A new setting needs a range here and a
+# bad example in tests/test_bad_settings.py.
 
 _SETTINGS: dict[str, object] = {}
 
 
-def env(name: str, default):
-    """Read one setting from the environment, typed like its default, and remember it for the log."""
+class Range:
+    """The values a setting may take: a test, and the words the error line uses for them. A test may
+    also raise SetupError itself, with a sharper message (QUANT_BITS)."""
+
+    def __init__(self, words: str, test):
+        self.words, self.test = words, test
+
+
+def at_least(low) -> Range:
+    return Range(f"a value >= {low}", lambda v: low <= v < math.inf)  # `< inf` also turns away inf and nan
+
+
+def above(low) -> Range:
+    return Range(f"a value > {low}", lambda v: low < v < math.inf)
+
+
+def between(low, high) -> Range:
+    return Range(f"a value in [{low}, {high}]", lambda v: low <= v <= high)
+
+
+def one_of(*values) -> Range:
+    return Range("one of " + ", ".join(map(str, values)), lambda v: v in values)
+
+
+def off_or(allowed: Range) -> Range:
+    return Range(f"0 (off) or {allowed.words}", lambda v: v == 0 or allowed.test(v))
+
+
+# At 1 an average would never move and a momentum would grow without end.
+DECAY = Range("a value in [0, 1)", lambda v: 0 <= v < 1)
+# A newline in a setting would forge lines of train.log (a fake final_score, say).
+TEXT = Range("one line of printable text", str.isprintable)
+NONEMPTY_TEXT = Range("one line of printable text, not empty", lambda v: v != "" and v.isprintable())
+
+
+def env(name: str, default, allowed: Range):
+    """Read one setting from the environment, typed like its default, check it against its range, and
+    remember it for the log."""
     raw = os.environ.get(name)
     value = default
     if raw is not None:
@@ -87,6 +142,8 @@ def env(name: str, default):
             if number != int(number):
                 raise SetupError(f"{name}={raw!r} must be a whole number") from None
             value = int(number)
+    if not allowed.test(value):
+        raise SetupError(f"{name}={value!r} is not allowed: use {allowed.words}")
     _SETTINGS[name] = value
     return value
 
@@ -96,97 +153,152 @@ class Hyperparameters:
 
     def __init__(self):
         # Data and run identity.
-        self.data_path = env("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
-        self.tokenizer_path = env("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
-        self.run_id = env("RUN_ID", uuid.uuid4().hex[:8])
-        self.out_dir = env("OUT_DIR", ".")
-        self.seed = env("SEED", 1337)
+        self.data_path = env("DATA_PATH", "./data/datasets/fineweb10B_sp1024", NONEMPTY_TEXT)
+        self.tokenizer_path = env("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model", NONEMPTY_TEXT)
+        self.run_id = env("RUN_ID", uuid.uuid4().hex[:8], NONEMPTY_TEXT)
+        self.out_dir = env("OUT_DIR", ".", NONEMPTY_TEXT)
+        self.seed = env("SEED", 1337, between(0, 2**32 - 1))  # what numpy takes
 
         # Model.
-        self.vocab_size = env("VOCAB_SIZE", 1024)
-        self.num_layers = env("NUM_LAYERS", 10)
-        self.model_dim = env("MODEL_DIM", 512)
-        self.num_heads = env("NUM_HEADS", 8)
-        self.num_kv_heads = env("NUM_KV_HEADS", 4)
-        self.mlp_mult = env("MLP_MULT", 3.0)
-        self.rope_base = env("ROPE_BASE", 10000.0)
-        self.qk_gain_init = env("QK_GAIN_INIT", 1.5)
-        self.logit_softcap = env("LOGIT_SOFTCAP", 30.0)
-        self.bigram_vocab_size = env("BIGRAM_VOCAB_SIZE", 2048)
-        self.bigram_dim = env("BIGRAM_DIM", 128)
-        self.tied_embed_init_std = env("TIED_EMBED_INIT_STD", 0.005)
-        self.smear_gate = env("SMEAR_GATE", 1)  # blend each token's embedding with its predecessor's
-        self.rope_dims = env("ROPE_DIMS", 0)  # partial RoPE: rotate this many of each head's dims; 0: all
-        self.xsa_last_n = env("XSA_LAST_N", 0)  # exclusive self-attention in the last N layers
-        self.ln_scale = env("LN_SCALE", 0)  # 1: block i's normalized inputs times 1/sqrt(i+1)
-        self.parallel_last_n = env("PARALLEL_LAST_N", 0)  # the last N blocks run attention and MLP side by side
-        self.mlp_neg_slope = env("MLP_NEG_SLOPE", 0.0)  # MLP activation leaky_relu(., slope)^2; 0: relu^2
-        self.skip_gates = env("SKIP_GATES", 0)  # 1: U-Net skips enter through learned sigmoid gates
-        self.loop_first = env("LOOP_FIRST", 3)  # depth recurrence: blocks LOOP_FIRST..LOOP_LAST run
-        self.loop_last = env("LOOP_LAST", 5)
-        self.loop_repeats = env("LOOP_REPEATS", 0)  # ... this many extra times; 0: off
-        self.loop_start_frac = env("LOOP_START_FRAC", 0.35)  # ... from this fraction of training on
+        self.vocab_size = env("VOCAB_SIZE", 1024, between(2, 65536))  # shards hold uint16 token ids
+        self.num_layers = env("NUM_LAYERS", 10, at_least(1))
+        self.model_dim = env("MODEL_DIM", 512, at_least(2))
+        self.num_heads = env("NUM_HEADS", 8, at_least(1))
+        self.num_kv_heads = env("NUM_KV_HEADS", 4, at_least(1))
+        self.mlp_mult = env("MLP_MULT", 3.0, above(0))
+        self.rope_base = env("ROPE_BASE", 10000.0, above(1))
+        self.qk_gain_init = env("QK_GAIN_INIT", 1.5, above(0))
+        self.logit_softcap = env("LOGIT_SOFTCAP", 30.0, above(0))
+        self.bigram_vocab_size = env("BIGRAM_VOCAB_SIZE", 2048, off_or(at_least(2)))  # 1: only the starts' bucket
+        self.bigram_dim = env("BIGRAM_DIM", 128, at_least(1))
+        self.tied_embed_init_std = env("TIED_EMBED_INIT_STD", 0.005, above(0))
+        self.smear_gate = env("SMEAR_GATE", 1, one_of(0, 1))  # blend each token's embedding with its predecessor's
+        self.rope_dims = env("ROPE_DIMS", 0, at_least(0))  # partial RoPE: rotate this many of each head's dims; 0: all
+        self.xsa_last_n = env("XSA_LAST_N", 0, at_least(0))  # exclusive self-attention in the last N layers
+        self.ln_scale = env("LN_SCALE", 0, one_of(0, 1))  # 1: block i's normalized inputs times 1/sqrt(i+1)
+        self.parallel_last_n = env("PARALLEL_LAST_N", 0, at_least(0))  # the last N blocks run attention and MLP side by side
+        self.mlp_neg_slope = env("MLP_NEG_SLOPE", 0.0, between(0, 1))  # MLP activation leaky_relu(., slope)^2; 0: relu^2
+        self.skip_gates = env("SKIP_GATES", 0, one_of(0, 1))  # 1: U-Net skips enter through learned sigmoid gates
+        self.loop_first = env("LOOP_FIRST", 3, at_least(0))  # depth recurrence: blocks LOOP_FIRST..LOOP_LAST run
+        self.loop_last = env("LOOP_LAST", 5, at_least(0))
+        self.loop_repeats = env("LOOP_REPEATS", 0, at_least(0))  # ... this many extra times; 0: off
+        self.loop_start_frac = env("LOOP_START_FRAC", 0.35, between(0, 1))  # ... from this fraction of training on
 
         # Training length and batch.
-        self.train_seq_len = env("TRAIN_SEQ_LEN", 2048)
-        self.train_batch_tokens = env("TRAIN_BATCH_TOKENS", 786_432)  # one whole step, over all ranks
-        self.grad_accum_steps = env("GRAD_ACCUM_STEPS", 0)  # micro-steps per step; 0: 8 / WORLD_SIZE
-        self.iterations = env("ITERATIONS", 20000)
-        self.warmup_steps = env("WARMUP_STEPS", 20)  # compile warm-up, undone before the clock starts
-        self.lr_warmup_steps = env("LR_WARMUP_STEPS", 20)
-        self.warmdown_iters = env("WARMDOWN_ITERS", 3000)
-        self.warmdown_frac = env("WARMDOWN_FRAC", 0.0)  # > 0: warmdown over this last fraction, not WARMDOWN_ITERS
-        self.lr_floor = env("LR_FLOOR", 0.0)  # the warmdown ends at this multiple of the LR instead of 0
-        self.max_wallclock_seconds = env("MAX_WALLCLOCK_SECONDS", 600.0)
+        self.train_seq_len = env("TRAIN_SEQ_LEN", 2048, at_least(1))
+        self.train_batch_tokens = env("TRAIN_BATCH_TOKENS", 786_432, at_least(1))  # one whole step, over all ranks
+        self.grad_accum_steps = env("GRAD_ACCUM_STEPS", 0, at_least(0))  # micro-steps per step; 0: 8 / WORLD_SIZE
+        self.iterations = env("ITERATIONS", 20000, at_least(1))
+        self.warmup_steps = env("WARMUP_STEPS", 20, at_least(0))  # compile warm-up, undone before the clock starts
+        self.lr_warmup_steps = env("LR_WARMUP_STEPS", 20, at_least(0))
+        self.warmdown_iters = env("WARMDOWN_ITERS", 3000, at_least(0))
+        self.warmdown_frac = env("WARMDOWN_FRAC", 0.0, between(0, 1))  # > 0: warmdown over this last fraction, not WARMDOWN_ITERS
+        self.lr_floor = env("LR_FLOOR", 0.0, between(0, 1))  # the warmdown ends at this multiple of the LR instead of 0
+        self.max_wallclock_seconds = env("MAX_WALLCLOCK_SECONDS", 600.0, at_least(0))  # 0: no cap
 
         # Optimizers.
-        self.matrix_lr = env("MATRIX_LR", 0.02)
-        self.scalar_lr = env("SCALAR_LR", 0.02)
-        self.tied_embed_lr = env("TIED_EMBED_LR", 0.03)
-        self.muon_momentum = env("MUON_MOMENTUM", 0.99)
-        self.muon_momentum_warmup_start = env("MUON_MOMENTUM_WARMUP_START", 0.92)
-        self.muon_momentum_warmup_steps = env("MUON_MOMENTUM_WARMUP_STEPS", 1500)
-        self.muon_backend_steps = env("MUON_BACKEND_STEPS", 5)
-        self.muon_row_norm = env("MUON_ROW_NORM", 0)  # 1: MuonEq-R, rows of the update normalized before Newton-Schulz
-        self.beta1 = env("BETA1", 0.9)
-        self.beta2 = env("BETA2", 0.95)
-        self.adam_eps = env("ADAM_EPS", 1e-8)
-        self.weight_decay = env("WEIGHT_DECAY", 0.04)
-        self.grad_clip_norm = env("GRAD_CLIP_NORM", 0.3)
+        self.matrix_lr = env("MATRIX_LR", 0.02, at_least(0))
+        self.scalar_lr = env("SCALAR_LR", 0.02, at_least(0))
+        self.tied_embed_lr = env("TIED_EMBED_LR", 0.03, at_least(0))
+        self.muon_momentum = env("MUON_MOMENTUM", 0.99, DECAY)
+        self.muon_momentum_warmup_start = env("MUON_MOMENTUM_WARMUP_START", 0.92, DECAY)
+        self.muon_momentum_warmup_steps = env("MUON_MOMENTUM_WARMUP_STEPS", 1500, at_least(0))
+        self.muon_backend_steps = env("MUON_BACKEND_STEPS", 5, at_least(1))
+        self.muon_row_norm = env("MUON_ROW_NORM", 0, one_of(0, 1))  # 1: MuonEq-R, rows of the update normalized before Newton-Schulz
+        self.beta1 = env("BETA1", 0.9, DECAY)
+        self.beta2 = env("BETA2", 0.95, DECAY)
+        self.adam_eps = env("ADAM_EPS", 1e-8, above(0))
+        self.weight_decay = env("WEIGHT_DECAY", 0.04, at_least(0))
+        self.grad_clip_norm = env("GRAD_CLIP_NORM", 0.3, at_least(0))  # 0: no clipping
 
         # Weight averaging.
-        self.ema_decay = env("EMA_DECAY", 0.0)
-        self.swa_start_frac = env("SWA_START_FRAC", 0.4)
-        self.swa_every = env("SWA_EVERY", 50)
+        self.ema_decay = env("EMA_DECAY", 0.0, DECAY)  # 0: off
+        self.swa_start_frac = env("SWA_START_FRAC", 0.4, between(0, 1))
+        self.swa_every = env("SWA_EVERY", 50, at_least(0))  # 0: off
 
         # Evaluation and logging.
-        self.val_loss_every = env("VAL_LOSS_EVERY", 1000)
-        self.val_tokens_limit = env("VAL_TOKENS_LIMIT", 0)
-        self.train_log_every = env("TRAIN_LOG_EVERY", 100)
-        self.eval_seq_len = env("EVAL_SEQ_LEN", 0)  # 0: TRAIN_SEQ_LEN
-        self.eval_stride = env("EVAL_STRIDE", 64)  # 0: plain non-overlapping windows
-        self.eval_batch_seqs = env("EVAL_BATCH_SEQS", 32)
+        self.val_loss_every = env("VAL_LOSS_EVERY", 1000, at_least(0))
+        self.val_tokens_limit = env("VAL_TOKENS_LIMIT", 0, off_or(at_least(2)))
+        self.train_log_every = env("TRAIN_LOG_EVERY", 100, at_least(0))
+        self.eval_seq_len = env("EVAL_SEQ_LEN", 0, at_least(0))  # 0: TRAIN_SEQ_LEN
+        self.eval_stride = env("EVAL_STRIDE", 64, at_least(0))  # 0: plain non-overlapping windows
+        self.eval_batch_seqs = env("EVAL_BATCH_SEQS", 32, at_least(1))
 
         # Score-first test-time training on the validation text (0 epochs: off).
-        self.ttt_epochs = env("TTT_EPOCHS", 0)
-        self.ttt_chunk_tokens = env("TTT_CHUNK_TOKENS", 32768)
-        self.ttt_lr = env("TTT_LR", 0.002)  # cosine decay across chunks
-        self.ttt_momentum = env("TTT_MOMENTUM", 0.9)
-        self.ttt_grad_clip = env("TTT_GRAD_CLIP", 1.0)
-        self.ttt_batch_seqs = env("TTT_BATCH_SEQS", 32)  # over all ranks
-        self.ttt_freeze_blocks = env("TTT_FREEZE_BLOCKS", 0)
+        self.ttt_epochs = env("TTT_EPOCHS", 0, at_least(0))  # score-first TTT: SGD passes per scored chunk; 0: off
+        self.ttt_chunk_tokens = env("TTT_CHUNK_TOKENS", 32768, at_least(1))
+        self.ttt_lr = env("TTT_LR", 0.002, at_least(0))  # cosine decay across chunks
+        self.ttt_momentum = env("TTT_MOMENTUM", 0.9, DECAY)
+        self.ttt_grad_clip = env("TTT_GRAD_CLIP", 1.0, at_least(0))  # 0: no clipping
+        self.ttt_batch_seqs = env("TTT_BATCH_SEQS", 32, at_least(1))  # over all ranks
+        self.ttt_freeze_blocks = env("TTT_FREEZE_BLOCKS", 0, at_least(0))
 
         # Compression and the submission.
-        self.quant_bits = env("QUANT_BITS", "mlp:5,attn:6,embed:8,bigram:6,other:8")
-        self.fp16_keep = env("FP16_KEEP", "")
-        self.fp16_max_numel = env("FP16_MAX_NUMEL", 65536)
-        self.compressor = env("COMPRESSOR", "auto")
-        self.allow_over_cap = env("ALLOW_OVER_CAP", 0)
-        self.compile = env("COMPILE", 1)
-        self.name = env("NAME", "")
-        self.author = env("AUTHOR", "")
-        self.github_id = env("GITHUB_ID", "")
-        self.blurb = env("BLURB", "")
+        self.quant_bits = env("QUANT_BITS", "mlp:5,attn:6,embed:8,bigram:6,other:8",
+                              Range("GROUP:BITS for each of mlp, attn, embed, bigram, other", parse_quant_bits))
+        self.fp16_keep = env("FP16_KEEP", "", TEXT)
+        self.fp16_max_numel = env("FP16_MAX_NUMEL", 65536, at_least(0))
+        self.compressor = env("COMPRESSOR", "auto", one_of("auto", "zstd", "lzma"))
+        self.allow_over_cap = env("ALLOW_OVER_CAP", 0, one_of(0, 1))
+        self.compile = env("COMPILE", 1, one_of(0, 1))
+        self.name = env("NAME", "", TEXT)
+        self.author = env("AUTHOR", "", TEXT)
+        self.github_id = env("GITHUB_ID", "", TEXT)
+        self.blurb = env("BLURB", "", TEXT)
+        self.check_combinations()
+
+    def check_combinations(self) -> None:
+        """The ranges that depend on other settings."""
+        if self.model_dim % self.num_heads or self.model_dim // self.num_heads % 2:
+            raise SetupError(f"MODEL_DIM={self.model_dim} must split into NUM_HEADS={self.num_heads} heads of even "
+                             "width (rotary embeddings turn pairs of channels)")
+        if self.num_heads % self.num_kv_heads:
+            raise SetupError(f"NUM_HEADS={self.num_heads} must be a multiple of NUM_KV_HEADS={self.num_kv_heads} "
+                             "(each key-value head serves an equal group of query heads)")
+        if int(self.mlp_mult * self.model_dim) < 1:
+            raise SetupError(f"MLP_MULT={self.mlp_mult} leaves the MLP no hidden unit at MODEL_DIM={self.model_dim}: "
+                             f"use at least {1 / self.model_dim:.3g}")
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's, known before any process group
+        if not self.grad_accum_steps and (world < 1 or 8 % world):
+            raise SetupError(f"WORLD_SIZE={world}: use 1, 2, 4 or 8 processes so 8 micro-batches split evenly "
+                             "(gradient accumulation 8/WORLD_SIZE), or set GRAD_ACCUM_STEPS")
+        micro = world * (self.grad_accum_steps or 8 // world)
+        if self.train_batch_tokens % (micro * self.train_seq_len):
+            raise SetupError(f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must split into WORLD_SIZE x GRAD_ACCUM_STEPS = "
+                             f"{world} x {micro // world} micro-batches of whole TRAIN_SEQ_LEN={self.train_seq_len} "
+                             f"sequences: use a multiple of {micro * self.train_seq_len}")
+        if self.loop_repeats and not self.loop_first <= self.loop_last < self.num_layers:
+            raise SetupError(f"LOOP_FIRST={self.loop_first} and LOOP_LAST={self.loop_last} must name blocks "
+                             f"0 <= LOOP_FIRST <= LOOP_LAST < NUM_LAYERS={self.num_layers} to loop")
+        for name, n in (("XSA_LAST_N", self.xsa_last_n), ("PARALLEL_LAST_N", self.parallel_last_n),
+                        ("TTT_FREEZE_BLOCKS", self.ttt_freeze_blocks)):
+            if n > self.num_layers:
+                raise SetupError(f"{name}={n} is more than NUM_LAYERS={self.num_layers}: use 0..{self.num_layers}")
+        if self.rope_dims % 2 or self.rope_dims > self.model_dim // self.num_heads:
+            raise SetupError(f"ROPE_DIMS={self.rope_dims} must be even and at most the head width "
+                             f"{self.model_dim // self.num_heads} (0: all of it)")
+        # The model never saw positions past TRAIN_SEQ_LEN, and the evaluation's time grows with the window.
+        if self.eval_seq_len > 4 * self.train_seq_len:
+            raise SetupError(f"EVAL_SEQ_LEN={self.eval_seq_len} is over 4 x TRAIN_SEQ_LEN={self.train_seq_len}: use 0 "
+                             f"(= TRAIN_SEQ_LEN) or at most {4 * self.train_seq_len}")
+        window = self.eval_seq_len or self.train_seq_len
+        if self.eval_stride > window:
+            raise SetupError(f"EVAL_STRIDE={self.eval_stride} is longer than the evaluation window ({window}), so windows "
+                             f"would skip tokens: use 1..{window}, or 0 for plain windows")
+        for lr_name, lr in (("MATRIX_LR", self.matrix_lr), ("TIED_EMBED_LR", self.tied_embed_lr)):
+            if lr * self.weight_decay >= 1:  # each step multiplies the weights by 1 - lr * WEIGHT_DECAY
+                raise SetupError(f"WEIGHT_DECAY={self.weight_decay} with {lr_name}={lr} would zero or flip the weights "
+                                 f"every step: keep WEIGHT_DECAY x {lr_name} below 1")
+
+
+def check_against_val_split(args: Hyperparameters, n_tokens: int) -> None:
+    """The windows must fit the validation split (cut by VAL_TOKENS_LIMIT), which only the data can tell:
+    evaluation would cut a longer window short without a word."""
+    for name, length in (("TRAIN_SEQ_LEN", args.train_seq_len), ("EVAL_SEQ_LEN", args.eval_seq_len)):
+        if length > n_tokens - 1:
+            cut = f" (VAL_TOKENS_LIMIT={args.val_tokens_limit})" if args.val_tokens_limit else ""
+            raise SetupError(f"{name}={length} is longer than the validation split allows: its {n_tokens:,} tokens{cut} "
+                             f"hold windows of at most {n_tokens - 1:,}")
 
 
 # Variables that torchrun, CUDA and friends set; never mistaken for a misspelt setting.
@@ -1381,11 +1493,48 @@ class Logger:
             self.file.flush()
 
 
+# A run's results. Each is written under a ".partial" name and renamed into place (atomic) only when the
+# final score is known, just before the final_score line: a run that stops part-way leaves none of them.
+OUTPUT_NAMES = ("final_model.ptz", "submission.json")
+
+
+def partial(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def remove_outputs(out_dir: Path) -> None:
+    for name in OUTPUT_NAMES:
+        for path in (out_dir / name, partial(out_dir / name)):
+            path.unlink(missing_ok=True)
+
+
+def open_log(out_dir: Path) -> Logger:
+    """A fresh train.log in OUT_DIR. The previous run's results there go first: next to this run's log
+    they would look like its own."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_outputs(out_dir)
+        return Logger(out_dir / "train.log")
+    except OSError as err:
+        raise SetupError(f"OUT_DIR={str(out_dir)!r} cannot be written: {err}") from None
+
+
+def mark_unfinished(out_dir: Path, log: Logger, err: BaseException) -> None:
+    """The log of a run that stopped part-way ends with a line saying so and why; its results go."""
+    if isinstance(err, Stopped):
+        why = str(err)
+    else:
+        why = f"error: {err}" if isinstance(err, SetupError) else f"{type(err).__name__}: {err}"
+    try:
+        remove_outputs(out_dir)
+        log("run did not finish: " + " ".join(why.split()))
+    except OSError:  # a full disk may refuse the line too; the error that stopped the run matters more
+        pass
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if world not in (1, 2, 4, 8):
-        raise SetupError(f"WORLD_SIZE={world}: use 1, 2, 4 or 8 processes so 8 micro-batches split evenly (gradient accumulation 8/WORLD_SIZE)")
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -1400,16 +1549,29 @@ def main() -> None:
     args = Hyperparameters()
     rank, world, device = init_distributed()
     out_dir = Path(args.out_dir)
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    log = Logger(out_dir / "train.log" if rank == 0 else None)
+    log = open_log(out_dir) if rank == 0 else Logger(None)
+    try:
+        train_and_score(args, rank, world, device, out_dir, log)
+    except BaseException as err:
+        if rank == 0:
+            mark_unfinished(out_dir, log, err)
+        raise
+    if world > 1:
+        # Gloo's worker threads need the GIL to free a finished collective's tensors, and the group's
+        # destructor joins them while holding it: a rank that tore the group down right after its last
+        # collective hung at exit now and then (CPU tests, torch 2.13). After the barrier no collective
+        # is left, and the sleep hands the GIL to the workers so they can free what they hold.
+        dist.barrier()
+        time.sleep(0.2)
+        dist.destroy_process_group()
+
+
+def train_and_score(args: Hyperparameters, rank: int, world: int, device: torch.device, out_dir: Path,
+                    log: Logger) -> None:
+    """Train, average, pack the artifact, score the model rebuilt from it alone, and write the results."""
     eval_seq_len = args.eval_seq_len or args.train_seq_len
     micro_steps = args.grad_accum_steps or 8 // world
     local_tokens = args.train_batch_tokens // (world * micro_steps)
-    if args.train_batch_tokens % (world * micro_steps * args.train_seq_len):
-        raise SetupError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must split into WORLD_SIZE x GRAD_ACCUM_STEPS = "
-                         f"{world} x {micro_steps} micro-batches of whole TRAIN_SEQ_LEN={args.train_seq_len} sequences: "
-                         f"use a multiple of {world * micro_steps * args.train_seq_len}")
     log(f"run {args.run_id} on {socket.gethostname()}: world_size={world} grad_accum={micro_steps} "
         f"micro_batch={local_tokens // args.train_seq_len}x{args.train_seq_len} device={device}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else " (no CUDA device: CPU, for smoke runs only)"))
@@ -1418,7 +1580,7 @@ def main() -> None:
     for warning in unknown_settings():
         log(f"WARNING: {warning}")
     quant_bits = parse_quant_bits(args.quant_bits)
-    codec_names(args.compressor)  # a bad COMPRESSOR fails now, not after training
+    codec_names(args.compressor)  # zstd without zstandard installed fails now, not after training
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -1433,7 +1595,7 @@ def main() -> None:
     luts = byte_luts(sp, args.vocab_size, device)
     val_np = load_val_tokens(str(Path(args.data_path) / "fineweb_val_*.bin"), args.vocab_size, args.val_tokens_limit)
     val_tokens = torch.from_numpy(val_np.astype(np.int32)).to(device)
-    window_plan(val_tokens.numel(), eval_seq_len, args.eval_stride)  # a bad EVAL_STRIDE fails now, not after training
+    check_against_val_split(args, val_tokens.numel())
     log(f"val tokens: {val_tokens.numel():,}" + (f" (VAL_TOKENS_LIMIT: a cut of the split, not a comparable score)"
                                                  if args.val_tokens_limit else ""))
     train_pattern = str(Path(args.data_path) / "fineweb_train_*.bin")
@@ -1552,7 +1714,7 @@ def main() -> None:
     log(f"pre-quantization (averaged weights): val_loss:{pre_loss:.4f} val_bpb:{pre_bpb:.4f} (plain)")
 
     # Compress, write the artifact, then score a fresh model rebuilt from that file alone.
-    artifact = out_dir / "final_model.ptz"
+    artifact = partial(out_dir / "final_model.ptz")
     if rank == 0:
         t_pack = time.perf_counter()
         blob, report = pack_model(averaged, quant_bits, keep, args.fp16_max_numel, args.compressor)
@@ -1602,7 +1764,9 @@ def main() -> None:
         submission = dict(name=args.name or f"run {args.run_id}", author=args.author, github_id=args.github_id,
                           date=datetime.date.today().isoformat(), val_loss=round(q_loss, 8), val_bpb=round(q_bpb, 8),
                           bytes_total=bytes_total, bytes_code=code_bytes, blurb=blurb)
-        (out_dir / "submission.json").write_text(json.dumps(submission, indent=2) + "\n")
+        partial(out_dir / "submission.json").write_text(json.dumps(submission, indent=2) + "\n")
+        for name in OUTPUT_NAMES:
+            os.replace(partial(out_dir / name), out_dir / name)
     log(f"final_score val_loss:{q_loss:.8f} val_bpb:{q_bpb:.8f} eval:{mode} seq_len:{eval_seq_len} "
         f"stride:{args.eval_stride or eval_seq_len} bytes_total:{bytes_total}")
     if world > 1:
@@ -1615,9 +1779,24 @@ def main() -> None:
         dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+def run() -> int:
+    """What `python3 train_gpt.py` does, as a function the tests can call: main() with SIGINT and SIGTERM
+    turned into Stopped, so that a stopped run still ends its log. Returns the exit code: 0; 2 after a
+    bad input or setting, reported as one `error:` line; 128 + the signal's number when stopped."""
+    handlers = {s: signal.signal(s, raise_stopped) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         main()
     except SetupError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        return 2
+    except Stopped as err:
+        print(err, file=sys.stderr, flush=True)
+        return 128 + err.signum
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

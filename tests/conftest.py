@@ -1,4 +1,7 @@
-"""Shared fixtures: the script imported as a module, and a tiny generated corpus with its tokenizer."""
+"""Shared fixtures: the script imported as a module, a tiny generated corpus with its tokenizer, and the
+script run in-process."""
+import re
+import signal
 import sys
 from pathlib import Path
 
@@ -35,3 +38,41 @@ def one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class TooSlow(Exception):
+    pass
+
+
+def _too_slow(signum, frame):
+    raise TooSlow("train_gpt.run() took over 30 s")
+
+
+@pytest.fixture
+def run_in_process(monkeypatch, capsys, tmp_path):
+    """train_gpt.run() in this process: what `python3 train_gpt.py` does from tmp_path with exactly the given
+    settings (none inherited from the shell), stopped by SIGALRM after 30 s so that a hang fails the test.
+    Returns (exit code, stderr). Saves the ~5 s (far more on a busy machine) of a fresh interpreter
+    importing torch."""
+    import train_gpt as tg
+
+    names = set(re.findall(r'\benv\("([A-Z0-9_]+)"', (ROOT / "train_gpt.py").read_text()))
+
+    def run(**settings) -> tuple[int, str]:
+        for name in names | {"WORLD_SIZE", "RANK", "LOCAL_RANK"}:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in settings.items():
+            monkeypatch.setenv(name, str(value))
+        monkeypatch.setattr(tg, "_SETTINGS", {})
+        monkeypatch.chdir(tmp_path)
+        capsys.readouterr()
+        previous = signal.signal(signal.SIGALRM, _too_slow)
+        signal.alarm(30)
+        try:
+            code = tg.run()
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+        return code, capsys.readouterr().err
+
+    return run

@@ -1,4 +1,7 @@
-"""Settings from the environment: typing, bad values, defaults and misspelt-setting warnings."""
+"""Settings from the environment: typing, ranges, bad values, defaults and misspelt-setting warnings
+(tests/test_bad_settings.py runs the script with a bad value of each setting)."""
+import math
+
 import pytest
 
 import train_gpt as tg
@@ -16,6 +19,7 @@ def _setting_names() -> list[str]:
 
 
 SETTING_NAMES = _setting_names()
+ANY = tg.Range("anything", lambda value: True)  # for the parsing tests
 
 
 @pytest.fixture(autouse=True)
@@ -31,14 +35,14 @@ def clean_settings(monkeypatch):
 
 
 def test_env_unset_returns_default_and_records_it():
-    assert tg.env("PG_TEST_INT", 7) == 7
+    assert tg.env("PG_TEST_INT", 7, ANY) == 7
     assert tg._SETTINGS["PG_TEST_INT"] == 7
 
 
 @pytest.mark.parametrize("raw, expected", [("12", 12), ("-3", -3), ("1e3", 1000), ("4.0", 4), (" 5 ", 5)])
 def test_env_int_setting_is_an_int(monkeypatch, raw, expected):
     monkeypatch.setenv("PG_TEST_INT", raw)
-    value = tg.env("PG_TEST_INT", 1)
+    value = tg.env("PG_TEST_INT", 1, ANY)
     assert value == expected and type(value) is int
     assert tg._SETTINGS["PG_TEST_INT"] == expected
 
@@ -46,14 +50,14 @@ def test_env_int_setting_is_an_int(monkeypatch, raw, expected):
 @pytest.mark.parametrize("raw, expected", [("0.25", 0.25), ("3", 3.0), ("1e-8", 1e-8), ("-2.5", -2.5)])
 def test_env_float_setting_is_a_float(monkeypatch, raw, expected):
     monkeypatch.setenv("PG_TEST_FLOAT", raw)
-    value = tg.env("PG_TEST_FLOAT", 0.5)
+    value = tg.env("PG_TEST_FLOAT", 0.5, ANY)
     assert value == pytest.approx(expected) and type(value) is float
 
 
 @pytest.mark.parametrize("raw", ["abc", "12", "", "mlp:4,attn:6"])
 def test_env_str_setting_is_the_raw_string(monkeypatch, raw):
     monkeypatch.setenv("PG_TEST_STR", raw)
-    value = tg.env("PG_TEST_STR", "default")
+    value = tg.env("PG_TEST_STR", "default", ANY)
     assert value == raw and type(value) is str
 
 
@@ -61,7 +65,7 @@ def test_env_str_setting_is_the_raw_string(monkeypatch, raw):
 def test_env_non_number_for_int_raises_setup_error_naming_the_variable(monkeypatch, raw):
     monkeypatch.setenv("PG_TEST_INT", raw)
     with pytest.raises(tg.SetupError) as err:
-        tg.env("PG_TEST_INT", 1)
+        tg.env("PG_TEST_INT", 1, ANY)
     assert "PG_TEST_INT" in str(err.value)
     assert "not a valid int" in str(err.value)
     assert "PG_TEST_INT" not in tg._SETTINGS
@@ -71,7 +75,7 @@ def test_env_non_number_for_int_raises_setup_error_naming_the_variable(monkeypat
 def test_env_fraction_for_int_raises_setup_error_naming_the_variable(monkeypatch, raw):
     monkeypatch.setenv("PG_TEST_INT", raw)
     with pytest.raises(tg.SetupError) as err:
-        tg.env("PG_TEST_INT", 1)
+        tg.env("PG_TEST_INT", 1, ANY)
     assert "PG_TEST_INT" in str(err.value) and repr(raw) in str(err.value)
     assert "whole number" in str(err.value)
 
@@ -79,7 +83,7 @@ def test_env_fraction_for_int_raises_setup_error_naming_the_variable(monkeypatch
 def test_env_non_number_for_float_raises_setup_error(monkeypatch):
     monkeypatch.setenv("PG_TEST_FLOAT", "fast")
     with pytest.raises(tg.SetupError, match=r"PG_TEST_FLOAT='fast' is not a valid float"):
-        tg.env("PG_TEST_FLOAT", 0.5)
+        tg.env("PG_TEST_FLOAT", 0.5, ANY)
 
 
 def test_hyperparameters_bad_value_names_the_setting(monkeypatch):
@@ -89,6 +93,43 @@ def test_hyperparameters_bad_value_names_the_setting(monkeypatch):
     monkeypatch.setenv("NUM_LAYERS", "1.5")
     with pytest.raises(tg.SetupError, match="NUM_LAYERS='1.5' must be a whole number"):
         tg.Hyperparameters()
+
+
+# -- ranges --------------------------------------------------------------------------------------
+
+
+def test_env_value_outside_its_range_names_the_setting_the_value_and_the_range(monkeypatch):
+    monkeypatch.setenv("PG_TEST_INT", "0")
+    with pytest.raises(tg.SetupError, match=r"^PG_TEST_INT=0 is not allowed: use a value >= 1$"):
+        tg.env("PG_TEST_INT", 5, tg.at_least(1))
+    assert "PG_TEST_INT" not in tg._SETTINGS
+
+
+def test_env_checks_the_default_too():
+    with pytest.raises(tg.SetupError, match="PG_TEST_INT=0 is not allowed"):
+        tg.env("PG_TEST_INT", 0, tg.at_least(1))
+
+
+def test_env_shows_a_text_value_on_one_line(monkeypatch):
+    monkeypatch.setenv("PG_TEST_STR", "a\nfinal_score")
+    with pytest.raises(tg.SetupError) as err:
+        tg.env("PG_TEST_STR", "", tg.TEXT)
+    assert str(err.value) == "PG_TEST_STR='a\\nfinal_score' is not allowed: use one line of printable text"
+
+
+@pytest.mark.parametrize("allowed, inside, outside", [
+    (tg.at_least(0), [0, 0.0, 5, 10**400], [-1, -1e-9, math.inf, math.nan]),
+    (tg.above(0), [1e-12, 3], [0, -1, math.inf, math.nan]),
+    (tg.between(0, 1), [0, 0.5, 1], [-0.1, 1.01, math.nan]),
+    (tg.DECAY, [0, 0.999], [1, 1.5, -0.1, math.nan]),
+    (tg.off_or(tg.at_least(2)), [0, 2, 3], [1, -2]),
+    (tg.one_of(0, 1), [0, 1], [2, -1]),
+    (tg.TEXT, ["", "a b", "Ünïcode — fine"], ["a\nb", "a\tb", "\x1b[31m"]),
+    (tg.NONEMPTY_TEXT, ["x"], ["", "a\rb"]),
+], ids=["at_least", "above", "between", "DECAY", "off_or", "one_of", "TEXT", "NONEMPTY_TEXT"])
+def test_range_admits_what_its_words_say(allowed, inside, outside):
+    assert [allowed.test(v) for v in inside] == [True] * len(inside)
+    assert [allowed.test(v) for v in outside] == [False] * len(outside)
 
 
 # -- Hyperparameters -----------------------------------------------------------------------------
