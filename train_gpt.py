@@ -1769,14 +1769,6 @@ def train_and_score(args: Hyperparameters, rank: int, world: int, device: torch.
             os.replace(partial(out_dir / name), out_dir / name)
     log(f"final_score val_loss:{q_loss:.8f} val_bpb:{q_bpb:.8f} eval:{mode} seq_len:{eval_seq_len} "
         f"stride:{args.eval_stride or eval_seq_len} bytes_total:{bytes_total}")
-    if world > 1:
-        # Gloo's worker threads need the GIL to free a finished collective's tensors, and the group's
-        # destructor joins them while holding it: a rank that tore the group down right after its last
-        # collective hung at exit now and then (CPU tests, torch 2.13). After the barrier no collective
-        # is left, and the sleep hands the GIL to the workers so they can free what they hold.
-        dist.barrier()
-        time.sleep(0.2)
-        dist.destroy_process_group()
 
 
 def run() -> int:
