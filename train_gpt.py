@@ -154,6 +154,12 @@ class Hyperparameters:
 
         # Compression and the submission.
         self.quant_bits = env("QUANT_BITS", "mlp:5,attn:6,embed:8,bigram:6,other:8")
+        self.quant_clip = env("QUANT_CLIP", "mlp:search,attn:search,embed:search,bigram:search,other:search")
+        self.gptq_calib_seqs = env("GPTQ_CALIB_SEQS", 64)  # 0: round-to-nearest, no calibration
+        self.gptq_reserve_seconds = env("GPTQ_RESERVE_SECONDS", 5.0)
+        self.gptq_damp = env("GPTQ_DAMP", 0.01)
+        self.gptq_block = env("GPTQ_BLOCK", 128)
+        self.gptq_act_order = env("GPTQ_ACT_ORDER", 1)
         self.fp16_keep = env("FP16_KEEP", "")
         self.fp16_max_numel = env("FP16_MAX_NUMEL", 65536)
         self.compressor = env("COMPRESSOR", "auto")
@@ -401,23 +407,53 @@ def autocast(device: torch.device):
 
 
 # -----------------------------------------------------------------------------
-# Quantization and packing: mixed-width per-row integers, compressed with zstd or lzma
+# Quantization and packing: mixed-width per-row integers (GPTQ where calibration gave a Hessian),
+# compressed with zstd or lzma
 
+QUANT_GROUPS = ("mlp", "attn", "embed", "bigram", "other")
 CLIP_FRACTIONS = (1.0, 0.98, 0.95, 0.92, 0.88, 0.84, 0.8, 0.75, 0.7)
 PACK_MAGIC = b"PGQ1"
 
 
-def parse_quant_bits(spec: str) -> dict[str, int]:
-    bits = {}
+def parse_groups(setting: str, spec: str, value_of, expected: str) -> dict:
+    """{group: value} from "mlp:5,attn:6,..."; every group must be named. value_of raises ValueError on a bad value."""
+    values = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
-        group, _, value = item.partition(":")
-        if group not in ("mlp", "attn", "embed", "bigram", "other") or not value.isdecimal() or not 2 <= int(value) <= 8:
-            raise SetupError(f"QUANT_BITS item {item!r}: expected GROUP:BITS with GROUP in mlp,attn,embed,bigram,other and BITS in 2..8")
-        bits[group] = int(value)
-    missing = {"mlp", "attn", "embed", "bigram", "other"} - bits.keys()
+        group, _, text = item.partition(":")
+        try:
+            if group not in QUANT_GROUPS:
+                raise ValueError(group)
+            values[group] = value_of(text)
+        except ValueError:
+            raise SetupError(f"{setting} item {item!r}: expected GROUP:{expected} with GROUP in {','.join(QUANT_GROUPS)}") from None
+    missing = [g for g in QUANT_GROUPS if g not in values]
     if missing:
-        raise SetupError(f"QUANT_BITS={spec!r} names no width for {', '.join(sorted(missing))}")
-    return bits
+        raise SetupError(f"{setting}={spec!r} names no value for {', '.join(missing)}")
+    return values
+
+
+def bits_value(text: str) -> int:
+    if not text.isdecimal() or not 2 <= int(text) <= 8:
+        raise ValueError(text)
+    return int(text)
+
+
+def clip_value(text: str) -> float | None:
+    """None for "search"; else k, the clip in standard deviations of the row."""
+    if text == "search":
+        return None
+    k = float(text)
+    if not 0 < k < math.inf:
+        raise ValueError(text)
+    return k
+
+
+def parse_quant_bits(spec: str) -> dict[str, int]:
+    return parse_groups("QUANT_BITS", spec, bits_value, "BITS with BITS in 2..8")
+
+
+def parse_quant_clip(spec: str) -> dict[str, float | None]:
+    return parse_groups("QUANT_CLIP", spec, clip_value, "CLIP with CLIP 'search' or a number of standard deviations > 0")
 
 
 def tensor_group(name: str, t: torch.Tensor, fp16_keep: list[str], fp16_max_numel: int) -> str:
@@ -435,25 +471,119 @@ def tensor_group(name: str, t: torch.Tensor, fp16_keep: list[str], fp16_max_nume
     return "other"
 
 
-def quantize_rows(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row integers with an fp16 scale; each row keeps the clip fraction of its max
-    that gives the least squared error (clipping a few outliers buys finer steps for the rest)."""
-    w = w.float()
+def rounded(w: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    return (w / scale).round().clamp(-qmax, qmax)
+
+
+def row_scales(w: torch.Tensor, bits: int, clip: float | None) -> torch.Tensor:
+    """Each row's step (rows x 1, float32 holding an fp16 value, as stored). clip None: the fraction of the
+    row's max whose rounding has the least squared error (clipping a few outliers buys finer steps for the
+    rest). clip k (SDClip): k standard deviations of the row, no search; a wider clip puts more values on
+    the few levels near zero, which lowers their entropy and so the compressed bytes."""
     qmax = 2 ** (bits - 1) - 1
+    if clip is not None:
+        return (clip * w.std(dim=1, correction=0, keepdim=True) / qmax).clamp_min(2**-24).half().float()
     absmax = w.abs().amax(dim=1, keepdim=True)
-    best_err = best_q = best_scale = None
+    best_err = best_scale = None
     for frac in CLIP_FRACTIONS:
         scale = (absmax * frac / qmax).clamp_min(2**-24).half().float()
-        q = (w / scale).round().clamp(-qmax, qmax)
-        err = (q * scale - w).square().sum(dim=1, keepdim=True)
+        err = (rounded(w, scale, qmax) * scale - w).square().sum(dim=1, keepdim=True)
         if best_err is None:
-            best_err, best_q, best_scale = err, q, scale
-        else:
+            best_err, best_scale = err, scale
+        else:  # on a tie the earlier (wider) fraction stays
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best_q = torch.where(better, q, best_q)
             best_scale = torch.where(better, scale, best_scale)
-    return best_q.to(torch.int8), best_scale.squeeze(1).half()
+    return best_scale
+
+
+def quantize_rows(w: torch.Tensor, bits: int, clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row integers in [-qmax, qmax], qmax = 2^(bits-1) - 1, rounded to nearest, and the
+    fp16 row scales."""
+    w = w.float()
+    scale = row_scales(w, bits, clip)
+    return rounded(w, scale, 2 ** (bits - 1) - 1).to(torch.int8), scale.squeeze(1).half()
+
+
+@torch.no_grad()
+def gptq_rows(w: torch.Tensor, scale: torch.Tensor, hessian: torch.Tensor, bits: int, block: int = 128,
+              damp: float = 0.01, act_order: bool = True) -> torch.Tensor:
+    """Integers for the given row scales, chosen to keep the layer's output X W^T close rather than W itself
+    (GPTQ, Frantar et al. 2023). H = sum of x x^T over calibration inputs x. Columns are rounded one at a
+    time (in order of falling H diagonal with act_order: the most active inputs first, while the most
+    columns are left to absorb their error), and each column's rounding error is pushed onto the columns
+    not yet rounded through the upper Cholesky factor of H^-1: the least-squares correction given how the
+    inputs correlate. Runs on H's device; returns int8 on the CPU."""
+    w = w.to(hessian.device, torch.float32)
+    scale = scale.to(w.device, torch.float32)[:, None]
+    qmax = 2 ** (bits - 1) - 1
+    h = hessian.double().clone()
+    diag = h.diagonal()
+    order = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(h.size(0), device=h.device)
+    # A dead input (always zero in calibration, so its row and column of H are zero) gets a unit diagonal:
+    # its column is rounded plainly, passing no error on and taking none.
+    diag[diag == 0] = 1
+    diag.add_(damp * diag.mean())  # damping keeps H invertible and the corrections moderate
+    h = h[order][:, order]
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    w = w[:, order]
+    q = torch.empty_like(w)
+    for start in range(0, w.size(1), block):
+        end = min(start + block, w.size(1))
+        wb, ub = w[:, start:end], u[start:end, start:end]
+        err = torch.empty_like(wb)
+        for i in range(end - start):
+            qi = rounded(wb[:, i : i + 1], scale, qmax)
+            e = (wb[:, i : i + 1] - qi * scale) / ub[i, i]
+            wb[:, i + 1 :] -= e * ub[i : i + 1, i + 1 :]
+            q[:, start + i], err[:, i] = qi[:, 0], e[:, 0]
+        w[:, end:] -= err @ u[start:end, end:]  # the block's errors reach the later columns in one matmul
+    out = torch.empty_like(q)
+    out[:, order] = q
+    return out.to(torch.int8).cpu()
+
+
+def hessian_inputs(model: nn.Module) -> dict[nn.Module, list[str]]:
+    """Each module whose input is the input of weight matrices, with those matrices' state-dict names:
+    every nn.Linear (those called as modules fire; q, k and v never are), each Attention (q, k and v are
+    one fused F.linear of its input), and the point where the tied embedding's head input passes."""
+    targets = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            targets[module] = [f"{name}.weight"]
+        elif isinstance(module, Attention):
+            targets[module] = [f"{name}.{part}.weight" for part in ("q", "k", "v")]
+    targets[model.head_input] = ["tok_emb.weight"]
+    return targets
+
+
+@torch.no_grad()
+def collect_hessians(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_seqs: int = 8) -> dict[str, torch.Tensor]:
+    """H = sum of a a^T over the inputs a (one per token) of each weight matrix, by state-dict name,
+    summed over ranks, from running the sequences x (targets y) through model. The model must be the
+    uncompiled one in fp32 without autocast: then the Triton kernels stay off and the MLP calls its
+    nn.Linear modules, so forward pre-hooks see every input. A module called more than once (shared
+    layers) adds up all its calls. Matrices sharing an input share one tensor."""
+    targets, sums = hessian_inputs(model), {}
+
+    def accumulate(module, inputs):
+        a = inputs[0].detach().flatten(0, -2).float()
+        if module in sums:
+            sums[module].addmm_(a.T, a)
+        else:
+            sums[module] = a.T @ a
+
+    hooks = [module.register_forward_pre_hook(accumulate) for module in targets]
+    try:
+        for xb, yb in zip(x.split(batch_seqs), y.split(batch_seqs)):
+            model(xb, yb)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if dist.is_initialized():
+        for h in sums.values():  # every rank fires the same modules in the same order
+            dist.all_reduce(h)
+    return {name: sums[module] for module, names in targets.items() if module in sums for name in names}
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -487,23 +617,40 @@ def decompress(data: bytes, codec: str) -> bytes:
     return lzma.decompress(data)
 
 
+def output_error(w: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor) -> tuple[float, float]:
+    """(sum over calibration inputs x of |x (W - W_q)^T|^2, and of |x W^T|^2): tr(E H E^T) and tr(W H W^T)."""
+    w = w.to(hessian.device, torch.float32)
+    e = deq.to(w.device) - w
+    return float(((e @ hessian) * e).sum()), float(((w @ hessian) * w).sum())
+
+
 def pack_model(state: dict[str, torch.Tensor], bits: dict[str, int], fp16_keep: list[str], fp16_max_numel: int,
-               method: str) -> tuple[bytes, list[dict]]:
+               method: str, clips: dict[str, float | None] | None = None, hessians: dict[str, torch.Tensor] | None = None,
+               **gptq) -> tuple[bytes, list[dict]]:
     """The compressed artifact and one report row per section. Tensors are grouped (mlp, attn, embed,
     bigram, other; fp16 for small or FP16_KEEP tensors) and each group is compressed on its own, so the
-    report's bytes add up to the file."""
-    entries, sections = [], {}
+    report's bytes add up to the file. A quantized tensor with a Hessian goes through GPTQ (gptq: block,
+    damp, act_order of gptq_rows), the others are rounded to nearest; clips gives each group's clip rule
+    (default: the search). For the GPTQ tensors the report gives the relative output error on the
+    calibration inputs, tr(E H E^T) / tr(W H W^T), of GPTQ and of round-to-nearest at the same scales."""
+    clips, hessians = clips or dict.fromkeys(QUANT_GROUPS), hessians or {}
+    entries, sections, errors = [], {}, {}
     for name, t in state.items():
-        t = t.detach().cpu()
+        t = t.detach()
         group = tensor_group(name, t, fp16_keep, fp16_max_numel)
         entries.append(dict(name=name, shape=list(t.shape), group=group))
         parts = sections.setdefault(group, ([], []))
         if group == "fp16":
-            parts[0].append(t.half().numpy().tobytes())
-        else:
-            q, scale = quantize_rows(t, bits[group])
-            parts[0].append(q.numpy().tobytes())
-            parts[1].append(scale.numpy().tobytes())
+            parts[0].append(t.cpu().half().numpy().tobytes())
+            continue
+        q, scale = quantize_rows(t.cpu(), bits[group], clips[group])
+        if name in hessians:
+            h, rtn = hessians[name], dequantize_rows(q, scale)
+            q = gptq_rows(t, scale, h, bits[group], **gptq)
+            gptq_err, signal = output_error(t, dequantize_rows(q, scale), h)
+            errors.setdefault(group, []).append((gptq_err, output_error(t, rtn, h)[0], signal))
+        parts[0].append(q.numpy().tobytes())
+        parts[1].append(scale.numpy().tobytes())
     raws = [b"".join(values) + b"".join(scales) for values, scales in sections.values()]
     with ThreadPoolExecutor(max(len(raws), 1)) as pool:  # a thread per section: the largest sets the time
         packed = list(pool.map(lambda raw: compress(raw, method), raws))
@@ -511,8 +658,13 @@ def pack_model(state: dict[str, torch.Tensor], bits: dict[str, int], fp16_keep: 
     for group, raw, (codec, blob) in zip(sections, raws, packed):
         blobs.append(blob)
         members = [e for e in entries if e["group"] == group]
-        report.append(dict(group=group, codec=codec, bytes=len(blob), raw=len(raw), tensors=len(members),
-                           params=sum(math.prod(e["shape"]) for e in members), bits=16 if group == "fp16" else bits[group]))
+        row = dict(group=group, codec=codec, bytes=len(blob), raw=len(raw), tensors=len(members),
+                   params=sum(math.prod(e["shape"]) for e in members), bits=16 if group == "fp16" else bits[group])
+        if group != "fp16":
+            gptq_err, rtn_err, signal = (sum(v) for v in zip(*errors.get(group, [(0.0, 0.0, 1.0)])))
+            row.update(clip=clips[group] or "search", gptq=len(errors.get(group, [])),
+                       gptq_err=float(f"{gptq_err / signal:.4g}"), rtn_err=float(f"{rtn_err / signal:.4g}"))
+        report.append(row)
     header = json.dumps(dict(tensors=entries, sections=report)).encode()
     return PACK_MAGIC + len(header).to_bytes(4, "little") + header + b"".join(blobs), report
 
@@ -862,7 +1014,7 @@ SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBack
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal grouped-query attention on (batch, time, heads, head_dim) tensors."""
-    if flash_attn_3 is not None and q.is_cuda:
+    if flash_attn_3 is not None and q.is_cuda and q.dtype != torch.float32:  # fp32: GPTQ's calibration
         return flash_attn_3(q, k, v, causal=True)
     with sdpa_kernel(SDPA_PRIORITY, set_priority=True):
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -1049,6 +1201,7 @@ class GPT(nn.Module):
         # U-Net: the first half's outputs feed the second half, last in first out.
         self.num_encoder = num_layers // 2
         self.skip_weights = nn.Parameter(torch.ones(self.num_encoder, model_dim))
+        self.head_input = nn.Identity()  # names the tied head's input, for GPTQ's calibration hooks
         self._init_weights(num_layers, tied_embed_init_std)
 
     def _init_weights(self, num_layers: int, embed_std: float) -> None:
@@ -1077,7 +1230,7 @@ class GPT(nn.Module):
             x = block(x, x0)
             if i < self.num_encoder:
                 skips.append(x)
-        logits = F.linear(rms_norm(x), self.tok_emb.weight).float()
+        logits = F.linear(self.head_input(rms_norm(x)), self.tok_emb.weight).float()
         logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
@@ -1181,8 +1334,16 @@ def main() -> None:
         log(f"setting {key}={value}")
     for warning in unknown_settings():
         log(f"WARNING: {warning}")
-    quant_bits = parse_quant_bits(args.quant_bits)
+    quant_bits, quant_clips = parse_quant_bits(args.quant_bits), parse_quant_clip(args.quant_clip)
     codec_names(args.compressor)  # a bad COMPRESSOR fails now, not after training
+    budget_s = args.max_wallclock_seconds
+    if args.gptq_calib_seqs and budget_s > 0:
+        if not 0 <= args.gptq_reserve_seconds < budget_s:
+            raise SetupError(f"GPTQ_RESERVE_SECONDS={args.gptq_reserve_seconds:g} must lie in [0, MAX_WALLCLOCK_SECONDS={budget_s:g})")
+        # GPTQ's calibration reads training tokens, so it belongs to the training time: training stops earlier.
+        args.max_wallclock_seconds = budget_s - args.gptq_reserve_seconds
+        log(f"training cap: {args.max_wallclock_seconds:g}s ({args.gptq_reserve_seconds:g}s of the {budget_s:g}s "
+            "reserved for GPTQ calibration)")
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -1308,9 +1469,27 @@ def main() -> None:
     log(f"training: {step} steps in {train_ms / 1000:.1f}s ({train_ms / max(step, 1):.2f}ms/step)"
         + (f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else ""))
 
+    averaged, how = averager.averaged(base_model)
+    hessians = {}
+    if args.gptq_calib_seqs:
+        # Right after training, inside its budget: the training stream's next sequences, each rank its
+        # share, through an uncompiled fp32 copy of the averaged weights (the ones to be quantized).
+        t_calib = sync_time()
+        share = -(-args.gptq_calib_seqs // world)
+        x, y = loader.next_batch(share * args.train_seq_len, args.train_seq_len)
+        calib_model = copy.deepcopy(base_model)
+        calib_model.load_state_dict(averaged)
+        hessians = collect_hessians(calib_model, x, y)
+        del calib_model
+        calib_s = sync_time() - t_calib
+        log(f"gptq calibration: {share * world} training sequences ({share * world * args.train_seq_len:,} tokens), "
+            f"{len(hessians)} matrices, in {calib_s:.2f}s; training + calibration {train_ms / 1000 + calib_s:.1f}s"
+            + (f" of {budget_s:g}s" if budget_s > 0 else ""))
+        if 0 < budget_s < train_ms / 1000 + calib_s:
+            log("WARNING: calibration ended past MAX_WALLCLOCK_SECONDS: raise GPTQ_RESERVE_SECONDS")
+
     vl, vb = evaluate(compiled, val_tokens, args.train_seq_len, 0, args.eval_batch_seqs, luts, rank, world)
     log(f"final weights: val_loss:{vl:.4f} val_bpb:{vb:.4f} (plain)")
-    averaged, how = averager.averaged(base_model)
     log(f"weight averaging: {how}")
     base_model.load_state_dict(averaged)
     pre_loss, pre_bpb = evaluate(compiled, val_tokens, args.train_seq_len, 0, args.eval_batch_seqs, luts, rank, world)
@@ -1320,14 +1499,17 @@ def main() -> None:
     artifact = out_dir / "final_model.ptz"
     if rank == 0:
         t_pack = time.perf_counter()
-        blob, report = pack_model(averaged, quant_bits, keep, args.fp16_max_numel, args.compressor)
+        blob, report = pack_model(averaged, quant_bits, keep, args.fp16_max_numel, args.compressor, quant_clips, hessians,
+                                  block=args.gptq_block, damp=args.gptq_damp, act_order=bool(args.gptq_act_order))
         artifact.write_bytes(blob)
         if zstandard is None:
             log("compression: zstandard is not installed, lzma only")
         for row in report:
             log(f"quant group:{row['group']:<6} tensors:{row['tensors']:>3} params:{row['params']:>11,} bits:{row['bits']:>2} "
-                f"raw:{row['raw']:>11,} compressed:{row['bytes']:>11,} ({row['codec']})")
-        log(f"packing took {time.perf_counter() - t_pack:.1f}s")
+                f"raw:{row['raw']:>11,} compressed:{row['bytes']:>11,} ({row['codec']})"
+                + (f" clip:{row['clip']} gptq:{row['gptq']}" if "clip" in row else "")
+                + (f" output error gptq:{row['gptq_err']:.3g} rtn:{row['rtn_err']:.3g}" if row.get("gptq") else ""))
+        log(f"quantization and packing took {time.perf_counter() - t_pack:.1f}s")
     if world > 1:
         dist.barrier()
     model_bytes = artifact.stat().st_size
@@ -1351,7 +1533,7 @@ def main() -> None:
 
     if rank == 0:
         hardware = f"{world}x {torch.cuda.get_device_name(device)}" if device.type == "cuda" else f"{world}x CPU"
-        blurb = args.blurb or (f"{args.num_layers}L {args.model_dim}d MLP{args.mlp_mult:g}x, {args.quant_bits} + "
+        blurb = args.blurb or (f"{args.num_layers}L {args.model_dim}d MLP{args.mlp_mult:g}x, {args.quant_bits}{' GPTQ' * bool(hessians)} + "
                                f"{'/'.join(sorted({r['codec'] for r in report}))}, {mode} eval; trained {step} steps "
                                f"on {args.data_path} with {hardware}")
         submission = dict(name=args.name or f"run {args.run_id}", author=args.author, github_id=args.github_id,
