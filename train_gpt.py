@@ -4,9 +4,10 @@ Parameter Golf entry: train the best GPT that fits a 16,000,000-byte artifact in
   torchrun --standalone --nproc_per_node=8 train_gpt.py
 
 Every knob is an environment variable (see Hyperparameters). The run trains, averages the weights
-(EMA/SWA), quantizes them to mixed int5/int6/int8, packs them with zstd or lzma, rebuilds a fresh model
-from that file alone and scores it with the exact stride-64 sliding-window evaluator. The last line of
-the log is the score of the round-tripped model.
+(EMA/SWA), collects GPTQ Hessians from training tokens inside the time budget, quantizes the weights to
+mixed int5/int6/int8 with GPTQ, packs them with zstd or lzma, rebuilds a fresh model from that file alone
+and scores it with the exact stride-64 sliding-window evaluator. The last line of the log is the score
+of the round-tripped model.
 """
 from __future__ import annotations
 
@@ -412,7 +413,7 @@ def autocast(device: torch.device):
 
 QUANT_GROUPS = ("mlp", "attn", "embed", "bigram", "other")
 CLIP_FRACTIONS = (1.0, 0.98, 0.95, 0.92, 0.88, 0.84, 0.8, 0.75, 0.7)
-PACK_MAGIC = b"PGQ1"
+PACK_MAGIC = b"PGQ2"
 
 
 def parse_groups(setting: str, spec: str, value_of, expected: str) -> dict:
@@ -624,6 +625,12 @@ def output_error(w: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor) -> t
     return float(((e @ hessian) * e).sum()), float(((w @ hessian) * w).sum())
 
 
+def byte_planes(halves: bytes) -> bytes:
+    """fp16 values as two planes, all low bytes then all high bytes: neighbouring row scales share sign
+    and exponent, so the high plane compresses to little (a few KB less than interleaved at 10 layers)."""
+    return np.frombuffer(halves, dtype=np.uint8).reshape(-1, 2).T.tobytes()
+
+
 def pack_model(state: dict[str, torch.Tensor], bits: dict[str, int], fp16_keep: list[str], fp16_max_numel: int,
                method: str, clips: dict[str, float | None] | None = None, hessians: dict[str, torch.Tensor] | None = None,
                **gptq) -> tuple[bytes, list[dict]]:
@@ -651,7 +658,7 @@ def pack_model(state: dict[str, torch.Tensor], bits: dict[str, int], fp16_keep: 
             errors.setdefault(group, []).append((gptq_err, output_error(t, rtn, h)[0], signal))
         parts[0].append(q.numpy().tobytes())
         parts[1].append(scale.numpy().tobytes())
-    raws = [b"".join(values) + b"".join(scales) for values, scales in sections.values()]
+    raws = [b"".join(values) + byte_planes(b"".join(scales)) for values, scales in sections.values()]
     with ThreadPoolExecutor(max(len(raws), 1)) as pool:  # a thread per section: the largest sets the time
         packed = list(pool.map(lambda raw: compress(raw, method), raws))
     blobs, report = [], []
@@ -700,15 +707,15 @@ def unpack_model(data: bytes) -> dict[str, torch.Tensor]:
                 state[e["name"]] = torch.frombuffer(bytearray(blob[pos : pos + 2 * count]), dtype=torch.float16).float().reshape(e["shape"])
                 pos += 2 * count
             continue
-        pos = 0
-        scale_pos = sum(math.prod(e["shape"]) for e in members[group])
+        pos = row = 0
+        planes = torch.frombuffer(bytearray(blob[sum(math.prod(e["shape"]) for e in members[group]) :]), dtype=torch.uint8)
+        scales = planes.view(2, -1).T.contiguous().view(torch.float16).flatten()  # byte_planes undone
         for e in members[group]:
             rows, cols = e["shape"]
             q = torch.frombuffer(bytearray(blob[pos : pos + rows * cols]), dtype=torch.int8).reshape(rows, cols)
-            scale = torch.frombuffer(bytearray(blob[scale_pos : scale_pos + 2 * rows]), dtype=torch.float16)
-            state[e["name"]] = dequantize_rows(q, scale)
+            state[e["name"]] = dequantize_rows(q, scales[row : row + rows])
             pos += rows * cols
-            scale_pos += 2 * rows
+            row += rows
     return {e["name"]: state[e["name"]] for e in header["tensors"]}
 
 

@@ -322,7 +322,7 @@ def test_unpacked_tensors_match_their_bit_width_and_fp16_keeps_exactly(packed_se
 def test_report_bytes_add_up_to_the_artifact_and_counts_to_the_state_dict(packed_setup):
     state, bits, _, blob, report = packed_setup
     header, body_start = header_of(blob)
-    assert blob[:4] == b"PGQ1"
+    assert blob[:4] == b"PGQ2"
     assert sum(r["bytes"] for r in report) == len(blob) - body_start
     assert header["sections"] == report
     assert sum(r["tensors"] for r in report) == len(state)
@@ -390,6 +390,18 @@ def test_gptq_through_the_packed_file_unpacks_to_exactly_scale_times_q():
     assert rows["attn"]["clip"] == "search" and rows["attn"]["gptq"] == 0
     assert 0 < rows["mlp"]["gptq_err"] < 0.7 * rows["mlp"]["rtn_err"]
     assert rows["mlp"]["rtn_err"] == pytest.approx(output_sq_err(x, w, q_rtn, scale) / float((x.double() @ w.double().T).square().sum()), rel=1e-3)
+
+
+def test_scales_as_byte_planes_compress_smaller_than_interleaved():
+    """Row scales of similar size share their high byte (sign, exponent): split into a low-byte and a
+    high-byte plane, the high plane is nearly constant."""
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(4096, 64, generator=gen) * (0.02 + 0.01 * torch.rand(4096, 1, generator=gen))
+    halves = tg.quantize_rows(w, 6)[1].numpy().tobytes()
+    planes = tg.byte_planes(halves)
+    assert sorted(planes) == sorted(halves) and planes[:4096] == halves[0::2]
+    for method in ("zstd", "lzma"):
+        assert len(tg.compress(planes, method)[1]) < 0.95 * len(tg.compress(halves, method)[1]), method
 
 
 # -- Hessians from calibration inputs --------------------------------------------------------------
