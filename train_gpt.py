@@ -627,7 +627,7 @@ def output_error(w: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor) -> t
 
 def byte_planes(halves: bytes) -> bytes:
     """fp16 values as two planes, all low bytes then all high bytes: neighbouring row scales share sign
-    and exponent, so the high plane compresses to little (a few KB less than interleaved at 10 layers)."""
+    and exponent, so the high plane compresses to little (10.6 KB less than interleaved at the default config)."""
     return np.frombuffer(halves, dtype=np.uint8).reshape(-1, 2).T.tobytes()
 
 
