@@ -417,7 +417,7 @@ PACK_MAGIC = b"PGQ2"
 
 
 def parse_groups(setting: str, spec: str, value_of, expected: str) -> dict:
-    """{group: value} from "mlp:5,attn:6,..."; every group must be named. value_of raises ValueError on a bad value."""
+    """{group: value} from "mlp:5,attn:6,..."; every group must be named."""
     values = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         group, _, text = item.partition(":")
@@ -440,7 +440,6 @@ def bits_value(text: str) -> int:
 
 
 def clip_value(text: str) -> float | None:
-    """None for "search"; else k, the clip in standard deviations of the row."""
     if text == "search":
         return None
     k = float(text)
@@ -477,10 +476,9 @@ def rounded(w: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
 
 
 def row_scales(w: torch.Tensor, bits: int, clip: float | None) -> torch.Tensor:
-    """Each row's step (rows x 1, float32 holding an fp16 value, as stored). clip None: the fraction of the
-    row's max whose rounding has the least squared error (clipping a few outliers buys finer steps for the
-    rest). clip k (SDClip): k standard deviations of the row, no search; a wider clip puts more values on
-    the few levels near zero, which lowers their entropy and so the compressed bytes."""
+    """Each row's step (rows x 1, fp16 values). clip None: the fraction of the row's max with the least
+    squared rounding error (clipping a few outliers buys finer steps for the rest). clip k (SDClip): k
+    standard deviations; a wider clip lowers the integers' entropy and so the compressed bytes."""
     qmax = 2 ** (bits - 1) - 1
     if clip is not None:
         return (clip * w.std(dim=1, correction=0, keepdim=True) / qmax).clamp_min(2**-24).half().float()
@@ -499,8 +497,7 @@ def row_scales(w: torch.Tensor, bits: int, clip: float | None) -> torch.Tensor:
 
 
 def quantize_rows(w: torch.Tensor, bits: int, clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row integers in [-qmax, qmax], qmax = 2^(bits-1) - 1, rounded to nearest, and the
-    fp16 row scales."""
+    """Symmetric per-row integers in [-qmax, qmax], qmax = 2^(bits-1) - 1, rounded to nearest; fp16 scales."""
     w = w.float()
     scale = row_scales(w, bits, clip)
     return rounded(w, scale, 2 ** (bits - 1) - 1).to(torch.int8), scale.squeeze(1).half()
@@ -509,20 +506,17 @@ def quantize_rows(w: torch.Tensor, bits: int, clip: float | None = None) -> tupl
 @torch.no_grad()
 def gptq_rows(w: torch.Tensor, scale: torch.Tensor, hessian: torch.Tensor, bits: int, block: int = 128,
               damp: float = 0.01, act_order: bool = True) -> torch.Tensor:
-    """Integers for the given row scales, chosen to keep the layer's output X W^T close rather than W itself
-    (GPTQ, Frantar et al. 2023). H = sum of x x^T over calibration inputs x. Columns are rounded one at a
-    time (in order of falling H diagonal with act_order: the most active inputs first, while the most
-    columns are left to absorb their error), and each column's rounding error is pushed onto the columns
-    not yet rounded through the upper Cholesky factor of H^-1: the least-squares correction given how the
-    inputs correlate. Runs on H's device; returns int8 on the CPU."""
+    """Integers at the given row scales that keep the output X W^T close, not W (GPTQ, Frantar et al. 2023;
+    H = sum of x x^T over calibration inputs). Columns are rounded one by one (most active inputs first
+    with act_order) and each one's error is pushed onto the columns not yet rounded through the upper
+    Cholesky factor of H^-1. Runs on H's device."""
     w = w.to(hessian.device, torch.float32)
     scale = scale.to(w.device, torch.float32)[:, None]
     qmax = 2 ** (bits - 1) - 1
     h = hessian.double().clone()
     diag = h.diagonal()
     order = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(h.size(0), device=h.device)
-    # A dead input (always zero in calibration, so its row and column of H are zero) gets a unit diagonal:
-    # its column is rounded plainly, passing no error on and taking none.
+    # A dead input (zero row and column) gets a unit diagonal: rounded plainly, no error in or out.
     diag[diag == 0] = 1
     diag.add_(damp * diag.mean())  # damping keeps H invertible and the corrections moderate
     h = h[order][:, order]
@@ -545,9 +539,9 @@ def gptq_rows(w: torch.Tensor, scale: torch.Tensor, hessian: torch.Tensor, bits:
 
 
 def hessian_inputs(model: nn.Module) -> dict[nn.Module, list[str]]:
-    """Each module whose input is the input of weight matrices, with those matrices' state-dict names:
-    every nn.Linear (those called as modules fire; q, k and v never are), each Attention (q, k and v are
-    one fused F.linear of its input), and the point where the tied embedding's head input passes."""
+    """Modules whose input is the input of weight matrices, with those matrices' names: each nn.Linear
+    (q, k, v are never called, so never fire), each Attention (q, k, v are one F.linear of its input)
+    and the tied head's input."""
     targets = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
@@ -560,11 +554,9 @@ def hessian_inputs(model: nn.Module) -> dict[nn.Module, list[str]]:
 
 @torch.no_grad()
 def collect_hessians(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_seqs: int = 8) -> dict[str, torch.Tensor]:
-    """H = sum of a a^T over the inputs a (one per token) of each weight matrix, by state-dict name,
-    summed over ranks, from running the sequences x (targets y) through model. The model must be the
-    uncompiled one in fp32 without autocast: then the Triton kernels stay off and the MLP calls its
-    nn.Linear modules, so forward pre-hooks see every input. A module called more than once (shared
-    layers) adds up all its calls. Matrices sharing an input share one tensor."""
+    """H = sum of a a^T over each weight matrix's inputs a, by name, summed over ranks. The model must be
+    uncompiled, fp32, without autocast: then the Triton kernels are off and the MLP calls its nn.Linear
+    modules, so pre-hooks see every input. A module called several times (shared layers) adds up."""
     targets, sums = hessian_inputs(model), {}
 
     def accumulate(module, inputs):
@@ -575,12 +567,10 @@ def collect_hessians(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_s
             sums[module] = a.T @ a
 
     hooks = [module.register_forward_pre_hook(accumulate) for module in targets]
-    try:
-        for xb, yb in zip(x.split(batch_seqs), y.split(batch_seqs)):
-            model(xb, yb)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    for xb, yb in zip(x.split(batch_seqs), y.split(batch_seqs)):
+        model(xb, yb)
+    for hook in hooks:
+        hook.remove()
     if dist.is_initialized():
         for h in sums.values():  # every rank fires the same modules in the same order
             dist.all_reduce(h)
@@ -619,15 +609,15 @@ def decompress(data: bytes, codec: str) -> bytes:
 
 
 def output_error(w: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor) -> tuple[float, float]:
-    """(sum over calibration inputs x of |x (W - W_q)^T|^2, and of |x W^T|^2): tr(E H E^T) and tr(W H W^T)."""
+    """(tr(E H E^T), tr(W H W^T)): the squared output error and output over the calibration inputs."""
     w = w.to(hessian.device, torch.float32)
     e = deq.to(w.device) - w
     return float(((e @ hessian) * e).sum()), float(((w @ hessian) * w).sum())
 
 
 def byte_planes(halves: bytes) -> bytes:
-    """fp16 values as two planes, all low bytes then all high bytes: neighbouring row scales share sign
-    and exponent, so the high plane compresses to little (10.6 KB less than interleaved at the default config)."""
+    """fp16 values as a plane of low bytes, then one of high bytes: row scales share sign and exponent, so
+    the high plane compresses to little (10.6 KB less than interleaved at the default config)."""
     return np.frombuffer(halves, dtype=np.uint8).reshape(-1, 2).T.tobytes()
 
 
@@ -636,10 +626,9 @@ def pack_model(state: dict[str, torch.Tensor], bits: dict[str, int], fp16_keep: 
                **gptq) -> tuple[bytes, list[dict]]:
     """The compressed artifact and one report row per section. Tensors are grouped (mlp, attn, embed,
     bigram, other; fp16 for small or FP16_KEEP tensors) and each group is compressed on its own, so the
-    report's bytes add up to the file. A quantized tensor with a Hessian goes through GPTQ (gptq: block,
-    damp, act_order of gptq_rows), the others are rounded to nearest; clips gives each group's clip rule
-    (default: the search). For the GPTQ tensors the report gives the relative output error on the
-    calibration inputs, tr(E H E^T) / tr(W H W^T), of GPTQ and of round-to-nearest at the same scales."""
+    report's bytes add up to the file. Tensors with a Hessian go through GPTQ (gptq: gptq_rows' block, damp,
+    act_order), the rest are rounded to nearest; clips: each group's clip (default: the search). The
+    report gives GPTQ's and rounding's relative output error tr(E H E^T) / tr(W H W^T)."""
     clips, hessians = clips or dict.fromkeys(QUANT_GROUPS), hessians or {}
     entries, sections, errors = [], {}, {}
     for name, t in state.items():
