@@ -4,9 +4,10 @@ Parameter Golf entry: train the best GPT that fits a 16,000,000-byte artifact in
   torchrun --standalone --nproc_per_node=8 train_gpt.py
 
 Every knob is an environment variable (see Hyperparameters). The run trains, averages the weights
-(EMA/SWA), quantizes them to mixed int5/int6/int8, packs them with zstd or lzma, rebuilds a fresh model
-from that file alone and scores it with the exact stride-64 sliding-window evaluator. The last line of
-the log is the score of the round-tripped model.
+(EMA/SWA), collects GPTQ Hessians from training tokens inside the time budget, quantizes the weights to
+mixed int5/int6/int8 with GPTQ, packs them with zstd or lzma, rebuilds a fresh model from that file alone
+and scores it with the exact stride-64 sliding-window evaluator. The last line of the log is the score
+of the round-tripped model.
 """
 from __future__ import annotations
 
@@ -236,6 +237,13 @@ class Hyperparameters:
         # Compression and the submission.
         self.quant_bits = env("QUANT_BITS", "mlp:5,attn:6,embed:8,bigram:6,other:8",
                               Range("GROUP:BITS for each of mlp, attn, embed, bigram, other", parse_quant_bits))
+        self.quant_clip = env("QUANT_CLIP", "mlp:search,attn:search,embed:search,bigram:search,other:search",
+                              Range("GROUP:CLIP for each group, CLIP 'search' or standard deviations > 0", parse_quant_clip))
+        self.gptq_calib_seqs = env("GPTQ_CALIB_SEQS", 64, at_least(0))  # 0: round-to-nearest, no calibration
+        self.gptq_reserve_seconds = env("GPTQ_RESERVE_SECONDS", 5.0, at_least(0))
+        self.gptq_damp = env("GPTQ_DAMP", 0.01, above(0))
+        self.gptq_block = env("GPTQ_BLOCK", 128, at_least(1))
+        self.gptq_act_order = env("GPTQ_ACT_ORDER", 1, one_of(0, 1))
         self.fp16_keep = env("FP16_KEEP", "", TEXT)
         self.fp16_max_numel = env("FP16_MAX_NUMEL", 65536, at_least(0))
         self.compressor = env("COMPRESSOR", "auto", one_of("auto", "zstd", "lzma"))
@@ -277,6 +285,9 @@ class Hyperparameters:
         if self.rope_dims % 2 or self.rope_dims > self.model_dim // self.num_heads:
             raise SetupError(f"ROPE_DIMS={self.rope_dims} must be even and at most the head width "
                              f"{self.model_dim // self.num_heads} (0: all of it)")
+        if self.gptq_calib_seqs and 0 < self.max_wallclock_seconds <= self.gptq_reserve_seconds:
+            raise SetupError(f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds:g} must be below "
+                             f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds:g}: it is taken out of the training time")
         # The model never saw positions past TRAIN_SEQ_LEN, and the evaluation's time grows with the window.
         if self.eval_seq_len > 4 * self.train_seq_len:
             raise SetupError(f"EVAL_SEQ_LEN={self.eval_seq_len} is over 4 x TRAIN_SEQ_LEN={self.train_seq_len}: use 0 "
@@ -662,23 +673,52 @@ def evaluate_ttt(model, params: list[nn.Parameter], tokens: torch.Tensor, seq_le
 
 
 # -----------------------------------------------------------------------------
-# Quantization and packing: mixed-width per-row integers, compressed with zstd or lzma
+# Quantization and packing: mixed-width per-row integers (GPTQ where calibration gave a Hessian),
+# compressed with zstd or lzma
 
+QUANT_GROUPS = ("mlp", "attn", "embed", "bigram", "other")
 CLIP_FRACTIONS = (1.0, 0.98, 0.95, 0.92, 0.88, 0.84, 0.8, 0.75, 0.7)
-PACK_MAGIC = b"PGQ1"
+PACK_MAGIC = b"PGQ2"
+
+
+def parse_groups(setting: str, spec: str, value_of, expected: str) -> dict:
+    """{group: value} from "mlp:5,attn:6,..."; every group must be named."""
+    values = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        group, _, text = item.partition(":")
+        try:
+            if group not in QUANT_GROUPS:
+                raise ValueError(group)
+            values[group] = value_of(text)
+        except ValueError:
+            raise SetupError(f"{setting} item {item!r}: expected GROUP:{expected} with GROUP in {','.join(QUANT_GROUPS)}") from None
+    missing = [g for g in QUANT_GROUPS if g not in values]
+    if missing:
+        raise SetupError(f"{setting}={spec!r} names no value for {', '.join(missing)}")
+    return values
+
+
+def bits_value(text: str) -> int:
+    if not text.isdecimal() or not 2 <= int(text) <= 8:
+        raise ValueError(text)
+    return int(text)
+
+
+def clip_value(text: str) -> float | None:
+    if text == "search":
+        return None
+    k = float(text)
+    if not 0 < k < math.inf:
+        raise ValueError(text)
+    return k
 
 
 def parse_quant_bits(spec: str) -> dict[str, int]:
-    bits = {}
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        group, _, value = item.partition(":")
-        if group not in ("mlp", "attn", "embed", "bigram", "other") or not value.isdecimal() or not 2 <= int(value) <= 8:
-            raise SetupError(f"QUANT_BITS item {item!r}: expected GROUP:BITS with GROUP in mlp,attn,embed,bigram,other and BITS in 2..8")
-        bits[group] = int(value)
-    missing = {"mlp", "attn", "embed", "bigram", "other"} - bits.keys()
-    if missing:
-        raise SetupError(f"QUANT_BITS={spec!r} names no width for {', '.join(sorted(missing))}")
-    return bits
+    return parse_groups("QUANT_BITS", spec, bits_value, "BITS with BITS in 2..8")
+
+
+def parse_quant_clip(spec: str) -> dict[str, float | None]:
+    return parse_groups("QUANT_CLIP", spec, clip_value, "CLIP with CLIP 'search' or a number of standard deviations > 0")
 
 
 def tensor_group(name: str, t: torch.Tensor, fp16_keep: list[str], fp16_max_numel: int) -> str:
@@ -696,25 +736,110 @@ def tensor_group(name: str, t: torch.Tensor, fp16_keep: list[str], fp16_max_nume
     return "other"
 
 
-def quantize_rows(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row integers with an fp16 scale; each row keeps the clip fraction of its max
-    that gives the least squared error (clipping a few outliers buys finer steps for the rest)."""
-    w = w.float()
+def rounded(w: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    return (w / scale).round().clamp(-qmax, qmax)
+
+
+def row_scales(w: torch.Tensor, bits: int, clip: float | None) -> torch.Tensor:
+    """Each row's step (rows x 1, fp16 values). clip None: the fraction of the row's max with the least
+    squared rounding error (clipping a few outliers buys finer steps for the rest). clip k (SDClip): k
+    standard deviations; a wider clip lowers the integers' entropy and so the compressed bytes."""
     qmax = 2 ** (bits - 1) - 1
+    if clip is not None:
+        return (clip * w.std(dim=1, correction=0, keepdim=True) / qmax).clamp_min(2**-24).half().float()
     absmax = w.abs().amax(dim=1, keepdim=True)
-    best_err = best_q = best_scale = None
+    best_err = best_scale = None
     for frac in CLIP_FRACTIONS:
         scale = (absmax * frac / qmax).clamp_min(2**-24).half().float()
-        q = (w / scale).round().clamp(-qmax, qmax)
-        err = (q * scale - w).square().sum(dim=1, keepdim=True)
+        err = (rounded(w, scale, qmax) * scale - w).square().sum(dim=1, keepdim=True)
         if best_err is None:
-            best_err, best_q, best_scale = err, q, scale
-        else:
+            best_err, best_scale = err, scale
+        else:  # on a tie the earlier (wider) fraction stays
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best_q = torch.where(better, q, best_q)
             best_scale = torch.where(better, scale, best_scale)
-    return best_q.to(torch.int8), best_scale.squeeze(1).half()
+    return best_scale
+
+
+def quantize_rows(w: torch.Tensor, bits: int, clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row integers in [-qmax, qmax], qmax = 2^(bits-1) - 1, rounded to nearest; fp16 scales."""
+    w = w.float()
+    scale = row_scales(w, bits, clip)
+    return rounded(w, scale, 2 ** (bits - 1) - 1).to(torch.int8), scale.squeeze(1).half()
+
+
+@torch.no_grad()
+def gptq_rows(w: torch.Tensor, scale: torch.Tensor, hessian: torch.Tensor, bits: int, block: int = 128,
+              damp: float = 0.01, act_order: bool = True) -> torch.Tensor:
+    """Integers at the given row scales that keep the output X W^T close, not W (GPTQ, Frantar et al. 2023;
+    H = sum of x x^T over calibration inputs). Columns are rounded one by one (most active inputs first
+    with act_order) and each one's error is pushed onto the columns not yet rounded through the upper
+    Cholesky factor of H^-1. Runs on H's device."""
+    w = w.to(hessian.device, torch.float32)
+    scale = scale.to(w.device, torch.float32)[:, None]
+    qmax = 2 ** (bits - 1) - 1
+    h = hessian.double().clone()
+    diag = h.diagonal()
+    order = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(h.size(0), device=h.device)
+    # A dead input (zero row and column) gets a unit diagonal: rounded plainly, no error in or out.
+    diag[diag == 0] = 1
+    diag.add_(damp * diag.mean())  # damping keeps H invertible and the corrections moderate
+    h = h[order][:, order]
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    w = w[:, order]
+    q = torch.empty_like(w)
+    for start in range(0, w.size(1), block):
+        end = min(start + block, w.size(1))
+        wb, ub = w[:, start:end], u[start:end, start:end]
+        err = torch.empty_like(wb)
+        for i in range(end - start):
+            qi = rounded(wb[:, i : i + 1], scale, qmax)
+            e = (wb[:, i : i + 1] - qi * scale) / ub[i, i]
+            wb[:, i + 1 :] -= e * ub[i : i + 1, i + 1 :]
+            q[:, start + i], err[:, i] = qi[:, 0], e[:, 0]
+        w[:, end:] -= err @ u[start:end, end:]  # the block's errors reach the later columns in one matmul
+    out = torch.empty_like(q)
+    out[:, order] = q
+    return out.to(torch.int8).cpu()
+
+
+def hessian_inputs(model: nn.Module) -> dict[nn.Module, list[str]]:
+    """Modules whose input is the input of weight matrices, with those matrices' names: each nn.Linear
+    (q, k, v are never called, so never fire), each Attention (q, k, v are one F.linear of its input)
+    and the tied head's input."""
+    targets = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            targets[module] = [f"{name}.weight"]
+        elif isinstance(module, Attention):
+            targets[module] = [f"{name}.{part}.weight" for part in ("q", "k", "v")]
+    targets[model.head_input] = ["tok_emb.weight"]
+    return targets
+
+
+@torch.no_grad()
+def collect_hessians(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_seqs: int = 8) -> dict[str, torch.Tensor]:
+    """H = sum of a a^T over each weight matrix's inputs a, by name, summed over ranks. The model must be
+    uncompiled, fp32, without autocast: then the Triton kernels are off and the MLP calls its nn.Linear
+    modules, so pre-hooks see every input. A module called several times (shared layers) adds up."""
+    targets, sums = hessian_inputs(model), {}
+
+    def accumulate(module, inputs):
+        a = inputs[0].detach().flatten(0, -2).float()
+        if module in sums:
+            sums[module].addmm_(a.T, a)
+        else:
+            sums[module] = a.T @ a
+
+    hooks = [module.register_forward_pre_hook(accumulate) for module in targets]
+    for xb, yb in zip(x.split(batch_seqs), y.split(batch_seqs)):
+        model(xb, yb)
+    for hook in hooks:
+        hook.remove()
+    if dist.is_initialized():
+        for h in sums.values():  # every rank fires the same modules in the same order
+            dist.all_reduce(h)
+    return {name: sums[module] for module, names in targets.items() if module in sums for name in names}
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -748,32 +873,59 @@ def decompress(data: bytes, codec: str) -> bytes:
     return lzma.decompress(data)
 
 
+def output_error(w: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor) -> tuple[float, float]:
+    """(tr(E H E^T), tr(W H W^T)): the squared output error and output over the calibration inputs."""
+    w = w.to(hessian.device, torch.float32)
+    e = deq.to(w.device) - w
+    return float(((e @ hessian) * e).sum()), float(((w @ hessian) * w).sum())
+
+
+def byte_planes(halves: bytes) -> bytes:
+    """fp16 values as a plane of low bytes, then one of high bytes: row scales share sign and exponent, so
+    the high plane compresses to little (10.6 KB less than interleaved at the default config)."""
+    return np.frombuffer(halves, dtype=np.uint8).reshape(-1, 2).T.tobytes()
+
+
 def pack_model(state: dict[str, torch.Tensor], bits: dict[str, int], fp16_keep: list[str], fp16_max_numel: int,
-               method: str) -> tuple[bytes, list[dict]]:
+               method: str, clips: dict[str, float | None] | None = None, hessians: dict[str, torch.Tensor] | None = None,
+               **gptq) -> tuple[bytes, list[dict]]:
     """The compressed artifact and one report row per section. Tensors are grouped (mlp, attn, embed,
     bigram, other; fp16 for small or FP16_KEEP tensors) and each group is compressed on its own, so the
-    report's bytes add up to the file."""
-    entries, sections = [], {}
+    report's bytes add up to the file. Tensors with a Hessian go through GPTQ (gptq: gptq_rows' block, damp,
+    act_order), the rest are rounded to nearest; clips: each group's clip (default: the search). The
+    report gives GPTQ's and rounding's relative output error tr(E H E^T) / tr(W H W^T)."""
+    clips, hessians = clips or dict.fromkeys(QUANT_GROUPS), hessians or {}
+    entries, sections, errors = [], {}, {}
     for name, t in state.items():
-        t = t.detach().cpu()
+        t = t.detach()
         group = tensor_group(name, t, fp16_keep, fp16_max_numel)
         entries.append(dict(name=name, shape=list(t.shape), group=group))
         parts = sections.setdefault(group, ([], []))
         if group == "fp16":
-            parts[0].append(t.half().numpy().tobytes())
-        else:
-            q, scale = quantize_rows(t, bits[group])
-            parts[0].append(q.numpy().tobytes())
-            parts[1].append(scale.numpy().tobytes())
-    raws = [b"".join(values) + b"".join(scales) for values, scales in sections.values()]
+            parts[0].append(t.cpu().half().numpy().tobytes())
+            continue
+        q, scale = quantize_rows(t.cpu(), bits[group], clips[group])
+        if name in hessians:
+            h, rtn = hessians[name], dequantize_rows(q, scale)
+            q = gptq_rows(t, scale, h, bits[group], **gptq)
+            gptq_err, signal = output_error(t, dequantize_rows(q, scale), h)
+            errors.setdefault(group, []).append((gptq_err, output_error(t, rtn, h)[0], signal))
+        parts[0].append(q.numpy().tobytes())
+        parts[1].append(scale.numpy().tobytes())
+    raws = [b"".join(values) + byte_planes(b"".join(scales)) for values, scales in sections.values()]
     with ThreadPoolExecutor(max(len(raws), 1)) as pool:  # a thread per section: the largest sets the time
         packed = list(pool.map(lambda raw: compress(raw, method), raws))
     blobs, report = [], []
     for group, raw, (codec, blob) in zip(sections, raws, packed):
         blobs.append(blob)
         members = [e for e in entries if e["group"] == group]
-        report.append(dict(group=group, codec=codec, bytes=len(blob), raw=len(raw), tensors=len(members),
-                           params=sum(math.prod(e["shape"]) for e in members), bits=16 if group == "fp16" else bits[group]))
+        row = dict(group=group, codec=codec, bytes=len(blob), raw=len(raw), tensors=len(members),
+                   params=sum(math.prod(e["shape"]) for e in members), bits=16 if group == "fp16" else bits[group])
+        if group != "fp16":
+            gptq_err, rtn_err, signal = (sum(v) for v in zip(*errors.get(group, [(0.0, 0.0, 1.0)])))
+            row.update(clip=clips[group] or "search", gptq=len(errors.get(group, [])),
+                       gptq_err=float(f"{gptq_err / signal:.4g}"), rtn_err=float(f"{rtn_err / signal:.4g}"))
+        report.append(row)
     header = json.dumps(dict(tensors=entries, sections=report)).encode()
     return PACK_MAGIC + len(header).to_bytes(4, "little") + header + b"".join(blobs), report
 
@@ -809,15 +961,15 @@ def unpack_model(data: bytes) -> dict[str, torch.Tensor]:
                 state[e["name"]] = torch.frombuffer(bytearray(blob[pos : pos + 2 * count]), dtype=torch.float16).float().reshape(e["shape"])
                 pos += 2 * count
             continue
-        pos = 0
-        scale_pos = sum(math.prod(e["shape"]) for e in members[group])
+        pos = row = 0
+        planes = torch.frombuffer(bytearray(blob[sum(math.prod(e["shape"]) for e in members[group]) :]), dtype=torch.uint8)
+        scales = planes.view(2, -1).T.contiguous().view(torch.float16).flatten()  # byte_planes undone
         for e in members[group]:
             rows, cols = e["shape"]
             q = torch.frombuffer(bytearray(blob[pos : pos + rows * cols]), dtype=torch.int8).reshape(rows, cols)
-            scale = torch.frombuffer(bytearray(blob[scale_pos : scale_pos + 2 * rows]), dtype=torch.float16)
-            state[e["name"]] = dequantize_rows(q, scale)
+            state[e["name"]] = dequantize_rows(q, scales[row : row + rows])
             pos += rows * cols
-            scale_pos += 2 * rows
+            row += rows
     return {e["name"]: state[e["name"]] for e in header["tensors"]}
 
 
@@ -1127,7 +1279,7 @@ SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBack
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal grouped-query attention on (batch, time, heads, head_dim) tensors."""
-    if flash_attn_3 is not None and q.is_cuda:
+    if flash_attn_3 is not None and q.is_cuda and q.dtype != torch.float32:  # fp32: GPTQ's calibration
         return flash_attn_3(q, k, v, causal=True)
     with sdpa_kernel(SDPA_PRIORITY, set_priority=True):
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -1384,6 +1536,7 @@ class GPT(nn.Module):
         skips = len(self.orders[True]) // 2
         self.skip_weights = nn.Parameter(torch.ones(skips, model_dim))
         self.skip_gates = nn.Parameter(torch.zeros(skips, model_dim)) if skip_gates else None
+        self.head_input = nn.Identity()  # names the tied head's input, for GPTQ's calibration hooks
         self._init_weights(num_layers, tied_embed_init_std)
 
     def _init_weights(self, num_layers: int, embed_std: float) -> None:
@@ -1421,7 +1574,7 @@ class GPT(nn.Module):
             x = self.blocks[i](x, x0)
             if pos < encoder:
                 skips.append(x)
-        logits = F.linear(rms_norm(x), self.tok_emb.weight).float()
+        logits = F.linear(self.head_input(rms_norm(x)), self.tok_emb.weight).float()
         logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
@@ -1579,8 +1732,14 @@ def train_and_score(args: Hyperparameters, rank: int, world: int, device: torch.
         log(f"setting {key}={value}")
     for warning in unknown_settings():
         log(f"WARNING: {warning}")
-    quant_bits = parse_quant_bits(args.quant_bits)
+    quant_bits, quant_clips = parse_quant_bits(args.quant_bits), parse_quant_clip(args.quant_clip)
     codec_names(args.compressor)  # zstd without zstandard installed fails now, not after training
+    budget_s = args.max_wallclock_seconds
+    if args.gptq_calib_seqs and budget_s > 0:
+        # GPTQ's calibration reads training tokens, so it belongs to the training time: training stops earlier.
+        args.max_wallclock_seconds = budget_s - args.gptq_reserve_seconds
+        log(f"training cap: {args.max_wallclock_seconds:g}s ({args.gptq_reserve_seconds:g}s of the {budget_s:g}s "
+            "reserved for GPTQ calibration)")
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -1705,9 +1864,27 @@ def train_and_score(args: Hyperparameters, rank: int, world: int, device: torch.
     log(f"training: {step} steps in {train_ms / 1000:.1f}s ({train_ms / max(step, 1):.2f}ms/step)"
         + (f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else ""))
 
+    averaged, how = averager.averaged(base_model)
+    hessians = {}
+    if args.gptq_calib_seqs:
+        # Right after training, inside its budget: the training stream's next sequences, each rank its
+        # share, through an uncompiled fp32 copy of the averaged weights (the ones to be quantized).
+        t_calib = sync_time()
+        share = -(-args.gptq_calib_seqs // world)
+        x, y = loader.next_batch(share * args.train_seq_len, args.train_seq_len)
+        calib_model = copy.deepcopy(base_model)
+        calib_model.load_state_dict(averaged)
+        hessians = collect_hessians(calib_model, x, y)
+        del calib_model
+        calib_s = sync_time() - t_calib
+        log(f"gptq calibration: {share * world} training sequences ({share * world * args.train_seq_len:,} tokens), "
+            f"{len(hessians)} matrices, in {calib_s:.2f}s; training + calibration {train_ms / 1000 + calib_s:.1f}s"
+            + (f" of {budget_s:g}s" if budget_s > 0 else ""))
+        if 0 < budget_s < train_ms / 1000 + calib_s:
+            log("WARNING: calibration ended past MAX_WALLCLOCK_SECONDS: raise GPTQ_RESERVE_SECONDS")
+
     vl, vb = evaluate(compiled, val_tokens, args.train_seq_len, 0, args.eval_batch_seqs, luts, rank, world)
     log(f"final weights: val_loss:{vl:.4f} val_bpb:{vb:.4f} (plain)")
-    averaged, how = averager.averaged(base_model)
     log(f"weight averaging: {how}")
     base_model.load_state_dict(averaged)
     pre_loss, pre_bpb = evaluate(compiled, val_tokens, args.train_seq_len, 0, args.eval_batch_seqs, luts, rank, world)
@@ -1717,14 +1894,17 @@ def train_and_score(args: Hyperparameters, rank: int, world: int, device: torch.
     artifact = partial(out_dir / "final_model.ptz")
     if rank == 0:
         t_pack = time.perf_counter()
-        blob, report = pack_model(averaged, quant_bits, keep, args.fp16_max_numel, args.compressor)
+        blob, report = pack_model(averaged, quant_bits, keep, args.fp16_max_numel, args.compressor, quant_clips, hessians,
+                                  block=args.gptq_block, damp=args.gptq_damp, act_order=bool(args.gptq_act_order))
         artifact.write_bytes(blob)
         if zstandard is None:
             log("compression: zstandard is not installed, lzma only")
         for row in report:
             log(f"quant group:{row['group']:<6} tensors:{row['tensors']:>3} params:{row['params']:>11,} bits:{row['bits']:>2} "
-                f"raw:{row['raw']:>11,} compressed:{row['bytes']:>11,} ({row['codec']})")
-        log(f"packing took {time.perf_counter() - t_pack:.1f}s")
+                f"raw:{row['raw']:>11,} compressed:{row['bytes']:>11,} ({row['codec']})"
+                + (f" clip:{row['clip']} gptq:{row['gptq']}" if "clip" in row else "")
+                + (f" output error gptq:{row['gptq_err']:.3g} rtn:{row['rtn_err']:.3g}" if row.get("gptq") else ""))
+        log(f"quantization and packing took {time.perf_counter() - t_pack:.1f}s")
     if world > 1:
         dist.barrier()
     model_bytes = artifact.stat().st_size
@@ -1758,7 +1938,7 @@ def train_and_score(args: Hyperparameters, rank: int, world: int, device: torch.
 
     if rank == 0:
         hardware = f"{world}x {torch.cuda.get_device_name(device)}" if device.type == "cuda" else f"{world}x CPU"
-        blurb = args.blurb or (f"{args.num_layers}L {args.model_dim}d MLP{args.mlp_mult:g}x, {args.quant_bits} + "
+        blurb = args.blurb or (f"{args.num_layers}L {args.model_dim}d MLP{args.mlp_mult:g}x, {args.quant_bits}{' GPTQ' * bool(hessians)} + "
                                f"{'/'.join(sorted({r['codec'] for r in report}))}, {mode} eval; trained {step} steps "
                                f"on {args.data_path} with {hardware}")
         submission = dict(name=args.name or f"run {args.run_id}", author=args.author, github_id=args.github_id,

@@ -1,7 +1,12 @@
-"""Quantization and packing: per-row integers with a clip search, the packed artifact (groups, fp16
-keeps, codecs, report), its size against the bit widths and the cap, and a model rebuilt from it."""
+"""Quantization and packing: per-row integers with a clip search or SDClip, GPTQ against a reference and
+against rounding, Hessians from calibration hooks, the packed artifact (groups, fp16 keeps, codecs,
+report), its size against the bit widths and the cap, a model rebuilt from it, and the script's
+calibration (training tokens only, inside the budget) and an end-to-end run with GPTQ."""
 import json
 import math
+import re
+
+import numpy as np
 
 import pytest
 import torch
@@ -115,6 +120,130 @@ def test_quantize_rows_more_bits_give_smaller_error():
     assert all(a > b for a, b in zip(errs, errs[1:]))
 
 
+# -- SDClip: the clip as a multiple of the row's standard deviation --------------------------------
+
+
+@pytest.mark.parametrize("bits, k", [(5, 6.0), (6, 12.85), (8, 20.0)])
+def test_sdclip_scale_is_k_standard_deviations_over_qmax(bits, k):
+    w = sample_matrix(bits)[5:]  # rows of varied scale and shape, none constant
+    qmax = 2 ** (bits - 1) - 1
+    q, scale = tg.quantize_rows(w, bits, k)
+    want = (k * w.double().std(dim=1, correction=0) / qmax).half()
+    assert torch.equal(scale, want)
+    assert int(q.abs().max()) <= qmax
+    s = scale.float()[:, None]
+    assert torch.equal(q.float(), (w / s).round().clamp(-qmax, qmax))  # rounded to nearest at that scale
+
+
+def test_sdclip_compressed_bytes_fall_as_k_grows_on_gaussian_rows():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(128, 512, generator=gen) * torch.logspace(-2, 0, 128)[:, None]
+    sizes = [len(tg.compress(tg.quantize_rows(w, 6, k)[0].numpy().tobytes(), "lzma")[1]) for k in (3.0, 6.0, 12.85, 20.0)]
+    assert all(a > b for a, b in zip(sizes, sizes[1:])), sizes
+    assert sizes[-1] < 0.6 * sizes[0]  # roughly log2(20/3) = 2.7 bits a value fewer out of ~5.4
+
+
+def test_parse_quant_clip_reads_search_and_numbers():
+    assert tg.parse_quant_clip("mlp:12.85,attn:13,embed:20,bigram:search,other:search") == dict(
+        mlp=12.85, attn=13.0, embed=20.0, bigram=None, other=None)
+
+
+@pytest.mark.parametrize("spec", [
+    "mlp:12,attn:13,embed:20,bigram:search",         # other missing
+    "mlp:0,attn:13,embed:20,bigram:search,other:search",
+    "mlp:-3,attn:13,embed:20,bigram:search,other:search",
+    "mlp:inf,attn:13,embed:20,bigram:search,other:search",
+    "mlp:nan,attn:13,embed:20,bigram:search,other:search",
+    "mlp:wide,attn:13,embed:20,bigram:search,other:search",
+    "mlp:,attn:13,embed:20,bigram:search,other:search",
+    "head:12,mlp:12,attn:13,embed:20,bigram:search,other:search",
+])
+def test_parse_quant_clip_rejects_bad_specs(spec):
+    with pytest.raises(tg.SetupError, match="QUANT_CLIP"):
+        tg.parse_quant_clip(spec)
+
+
+# -- GPTQ ------------------------------------------------------------------------------------------
+
+
+def correlated_layer(seed=0, rows=48, cols=96, tokens=4000):
+    """Inputs X with a far-from-identity covariance (mixed through a random matrix, with a few
+    strong shared directions) and a weight matrix W of Gaussian rows."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=gen) / cols**0.5 + 0.5 * torch.randn(cols, 1, generator=gen) @ torch.randn(1, cols, generator=gen)
+    x = torch.randn(tokens, cols, generator=gen) @ mix
+    w = torch.randn(rows, cols, generator=gen) * 0.05
+    return x, w
+
+
+def output_sq_err(x, w, q, scale):
+    return float((x.double() @ (tg.dequantize_rows(q, scale).double() - w.double()).T).square().sum())
+
+
+def reference_gptq(w, scale, h, bits, damp=0.01):
+    """GPTQ as optimal brain quantization in its plain form, in float64, columns in their own order:
+    round column i, move the remaining columns by -error * Hinv[i, j] / Hinv[i, i], then drop i from
+    the inverse Hessian (no Cholesky factor, no blocks)."""
+    qmax = 2 ** (bits - 1) - 1
+    w, s, h = w.double().clone(), scale.double()[:, None], h.double().clone()
+    h.diagonal().add_(damp * h.diagonal().mean())
+    hinv = torch.linalg.inv(h)
+    q = torch.zeros_like(w)
+    for i in range(w.size(1)):
+        q[:, i] = (w[:, i : i + 1] / s).round().clamp(-qmax, qmax)[:, 0]
+        err = w[:, i] - q[:, i] * s[:, 0]
+        w[:, i:] -= err[:, None] * (hinv[i, i:] / hinv[i, i])[None, :]
+        hinv -= hinv[:, i : i + 1] @ hinv[i : i + 1, :] / hinv[i, i]
+    return q.to(torch.int8)
+
+
+@pytest.mark.parametrize("bits", [4, 5, 6, 8])
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_has_lower_output_error_than_round_to_nearest_at_the_same_scales(bits, act_order):
+    x, w = correlated_layer(bits)
+    h = x.T @ x
+    qmax = 2 ** (bits - 1) - 1
+    q_rtn, scale = tg.quantize_rows(w, bits)
+    q = tg.gptq_rows(w, scale, h, bits, block=32, act_order=act_order)
+    assert q.dtype == torch.int8 and q.shape == w.shape
+    assert int(q.min()) >= -qmax and int(q.max()) <= qmax
+    rtn_err, gptq_err = output_sq_err(x, w, q_rtn, scale), output_sq_err(x, w, q, scale)
+    assert gptq_err < 0.7 * rtn_err, (gptq_err, rtn_err)
+
+
+def test_gptq_matches_the_plain_optimal_brain_quantization_reference():
+    """The Cholesky-factor form with lazy block updates is the same algorithm as the plain one: the same
+    integers up to float32 ties, and the same output error."""
+    bits = 5
+    x, w = correlated_layer(7, rows=32, cols=40, tokens=2000)
+    h = x.T @ x
+    _, scale = tg.quantize_rows(w, bits)
+    want = reference_gptq(w, scale, h, bits)
+    for block in (1, 8, 128):
+        got = tg.gptq_rows(w, scale, h, bits, block=block, act_order=False)
+        assert (got == want).float().mean() > 0.99, block
+        assert output_sq_err(x, w, got, scale) == pytest.approx(output_sq_err(x, w, want, scale), rel=0.01)
+
+
+def test_gptq_with_uncorrelated_inputs_is_round_to_nearest():
+    """A diagonal H passes no error between columns."""
+    _, w = correlated_layer(3)
+    gen = torch.Generator().manual_seed(1)
+    h = torch.diag(torch.rand(w.size(1), generator=gen) + 0.1)
+    q_rtn, scale = tg.quantize_rows(w, 6)
+    assert torch.equal(tg.gptq_rows(w, scale, h, 6), q_rtn)
+
+
+def test_gptq_rounds_a_dead_input_column_plainly_and_stays_finite():
+    x, w = correlated_layer(4)
+    x[:, [5, 17]] = 0  # two inputs that never fire
+    h = x.T @ x
+    q_rtn, scale = tg.quantize_rows(w, 6)
+    q = tg.gptq_rows(w, scale, h, 6)
+    assert torch.equal(q[:, [5, 17]], q_rtn[:, [5, 17]])
+    assert output_sq_err(x, w, q, scale) < 0.7 * output_sq_err(x, w, q_rtn, scale)
+
+
 # -- pack_model / unpack_model ---------------------------------------------------------------------
 
 
@@ -193,7 +322,7 @@ def test_unpacked_tensors_match_their_bit_width_and_fp16_keeps_exactly(packed_se
 def test_report_bytes_add_up_to_the_artifact_and_counts_to_the_state_dict(packed_setup):
     state, bits, _, blob, report = packed_setup
     header, body_start = header_of(blob)
-    assert blob[:4] == b"PGQ1"
+    assert blob[:4] == b"PGQ2"
     assert sum(r["bytes"] for r in report) == len(blob) - body_start
     assert header["sections"] == report
     assert sum(r["tensors"] for r in report) == len(state)
@@ -242,6 +371,115 @@ def test_unpack_rejects_bad_magic(packed_setup):
         tg.unpack_model(b"XXXX" + blob[4:])
     with pytest.raises(tg.SetupError):
         tg.unpack_model(b"")
+
+
+def test_gptq_through_the_packed_file_unpacks_to_exactly_scale_times_q():
+    x, w = correlated_layer(5, rows=40, cols=64)
+    state = {"blocks.0.mlp.fc.weight": w, "blocks.0.attn.q.weight": w[:8].clone(), "blocks.0.attn_scale": torch.ones(64)}
+    hessians = {"blocks.0.mlp.fc.weight": x.T @ x}  # attn.q has none: rounded to nearest
+    bits, clips = tg.parse_quant_bits(SPEC), tg.parse_quant_clip("mlp:8,attn:search,embed:search,bigram:search,other:search")
+    blob, report = tg.pack_model(state, bits, [], 0, "auto", clips, hessians, block=16, damp=0.01, act_order=True)
+    out = tg.unpack_model(blob)
+    q_rtn, scale = tg.quantize_rows(w, 5, 8.0)
+    q = tg.gptq_rows(w, scale, hessians["blocks.0.mlp.fc.weight"], 5, block=16)
+    assert not torch.equal(q, q_rtn)
+    assert torch.equal(out["blocks.0.mlp.fc.weight"], q.float() * scale.float()[:, None])
+    assert torch.equal(out["blocks.0.attn.q.weight"], tg.dequantize_rows(*tg.quantize_rows(w[:8], 6)))
+    rows = {r["group"]: r for r in report}
+    assert rows["mlp"]["clip"] == 8.0 and rows["mlp"]["gptq"] == 1
+    assert rows["attn"]["clip"] == "search" and rows["attn"]["gptq"] == 0
+    assert 0 < rows["mlp"]["gptq_err"] < 0.7 * rows["mlp"]["rtn_err"]
+    assert rows["mlp"]["rtn_err"] == pytest.approx(output_sq_err(x, w, q_rtn, scale) / float((x.double() @ w.double().T).square().sum()), rel=1e-3)
+
+
+def test_scales_as_byte_planes_compress_smaller_than_interleaved():
+    """Row scales of similar size share their high byte (sign, exponent): split into a low-byte and a
+    high-byte plane, the high plane is nearly constant."""
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(4096, 64, generator=gen) * (0.02 + 0.01 * torch.rand(4096, 1, generator=gen))
+    halves = tg.quantize_rows(w, 6)[1].numpy().tobytes()
+    planes = tg.byte_planes(halves)
+    assert sorted(planes) == sorted(halves) and planes[:4096] == halves[0::2]
+    for method in ("zstd", "lzma"):
+        assert len(tg.compress(planes, method)[1]) < 0.95 * len(tg.compress(halves, method)[1]), method
+
+
+# -- Hessians from calibration inputs --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    """Hessians of a perturbed toy model (so no matrix is zero and every input varies) over 6 sequences,
+    and, independently, the input of every matrix product in the same forward pass, recorded by wrapping
+    F.linear: (input, weight) pairs, through which nn.Linear, the fused q/k/v and the tied head all go."""
+    model = perturb(make_model(seed=5))
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randint(0, VOCAB, (6, 16), generator=gen)
+    y = torch.randint(0, VOCAB, (6, 16), generator=gen)
+    hessians = tg.collect_hessians(model, x, y, batch_seqs=4)
+    calls, linear = [], torch.nn.functional.linear
+
+    def recording(a, weight, *rest):
+        calls.append((a.detach().flatten(0, -2).double(), weight.detach()))
+        return linear(a, weight, *rest)
+
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(torch.nn.functional, "linear", recording)
+        model(x, y)
+    return model, x, hessians, calls
+
+
+def test_hessians_equal_the_sum_of_x_xT_over_each_matrix_input(calibrated):
+    model, _, hessians, calls = calibrated
+    params = {name: p for name, p in model.named_parameters()}
+    qkv = {n: torch.cat([params[f"{n}.{c}.weight"] for c in "qkv"]) for n in {k.rsplit(".", 2)[0] for k in params if k.endswith("attn.q.weight")}}
+    seen = {}
+    for a, weight in calls:
+        names = [n for n, p in params.items() if p.dim() == 2 and p.shape == weight.shape and torch.equal(p, weight)]
+        names += [f"{n}.{c}.weight" for n, fused in qkv.items() if fused.shape == weight.shape and torch.equal(fused, weight) for c in "qkv"]
+        assert names, weight.shape
+        for name in names:
+            seen[name] = seen.get(name, 0) + a.T @ a
+    assert set(hessians) == set(seen)
+    for name, h in seen.items():
+        torch.testing.assert_close(hessians[name].double(), h, rtol=1e-5, atol=1e-4, msg=name)
+
+
+def test_hessians_cover_every_matrix_the_model_multiplies_by_and_q_k_v_share_one(calibrated):
+    model, _, hessians, _ = calibrated
+    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(hessians) == linear | {"tok_emb.weight"}
+    assert "bigram.table.weight" not in hessians  # a lookup: its Hessian would be diagonal, GPTQ = rounding
+    for i in range(2):
+        q, k, v = (hessians[f"blocks.{i}.attn.{c}.weight"] for c in "qkv")
+        assert q is k is v
+        assert q.shape == (DIM, DIM)
+    assert hessians["blocks.0.mlp.proj.weight"].shape == (2 * DIM, 2 * DIM)
+
+
+def test_tied_head_hessian_comes_from_the_final_rms_normed_states(calibrated):
+    model, x, hessians, _ = calibrated
+    finals = []
+    hook = model.blocks[-1].register_forward_hook(lambda m, i, out: finals.append(out))
+    with torch.no_grad():
+        model(x, torch.zeros_like(x))
+    hook.remove()
+    a = tg.rms_norm(finals[0]).flatten(0, -2).double()
+    torch.testing.assert_close(hessians["tok_emb.weight"].double(), a.T @ a, rtol=1e-5, atol=1e-4)
+    # normed: every token's vector has mean square 1, so the trace is tokens x width
+    assert float(hessians["tok_emb.weight"].trace()) == pytest.approx(x.numel() * DIM, rel=1e-4)
+
+
+def test_hessians_add_up_over_calls_whatever_the_batching():
+    """Batches are separate forward calls of every module: one sequence per call gives the same sums."""
+    model = perturb(make_model(seed=8))
+    gen = torch.Generator().manual_seed(9)
+    x, y = (torch.randint(0, VOCAB, (5, 12), generator=gen) for _ in range(2))
+    whole, single = tg.collect_hessians(model, x, y, batch_seqs=5), tg.collect_hessians(model, x, y, batch_seqs=1)
+    assert set(whole) == set(single)
+    for name in whole:
+        torch.testing.assert_close(single[name], whole[name], rtol=1e-5, atol=1e-4)
+    assert not any(m._forward_pre_hooks for m in model.modules())  # the hooks are gone
 
 
 # -- a trained toy model ---------------------------------------------------------------------------
@@ -380,3 +618,66 @@ def test_packed_artifact_of_random_weights_is_near_the_payload():
     bits = tg.parse_quant_bits(SPEC)
     blob, _ = tg.pack_model(state, bits, [], 0, "auto")
     assert 0.85 < len(blob) / tg.payload_bytes(state, bits, [], 0) < 1.1
+
+
+# -- the script: calibration inside the training budget, GPTQ end to end ----------------------------
+
+
+def test_calibration_reads_the_training_stream_right_after_training_never_validation(tiny_corpus, tmp_path, monkeypatch):
+    """main() in this process, with collect_hessians spied on: the calibration sequences are exactly the
+    training stream's next tokens after the last training batch, none of them a stretch of the
+    validation split, and they run through an uncompiled fp32 GPT."""
+    from test_training import SETTING_NAMES, tiny_config
+
+    settings = tiny_config(tiny_corpus, tmp_path / "out", ITERATIONS=3, WARMUP_STEPS=1, GPTQ_CALIB_SEQS=5)
+    for name in SETTING_NAMES | {"WORLD_SIZE", "RANK", "LOCAL_RANK"}:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in settings.items():
+        monkeypatch.setenv(name, str(value))
+    seen = []
+
+    def spy(model, x, y, *rest, **kw):
+        seen.append((model, x.clone(), y.clone()))
+        return real(model, x, y, *rest, **kw)
+
+    real = tg.collect_hessians
+    monkeypatch.setattr(tg, "collect_hessians", spy)
+    tg.main()
+
+    (model, x, y), = seen
+    assert type(model) is tg.GPT and next(model.parameters()).dtype == torch.float32
+    seq, local = settings["TRAIN_SEQ_LEN"], settings["TRAIN_BATCH_TOKENS"] // 8
+    stream = tg.TokenStream(f"{tiny_corpus['data_path']}/fineweb_train_*.bin", tiny_corpus["vocab_size"])
+    stream.take(3 * 8 * (local + 1))  # 3 steps of 8 micro-batches (the warm-up's are rewound)
+    tokens = torch.from_numpy(stream.take(5 * seq + 1).astype(np.int64))
+    assert torch.equal(x, tokens[:-1].view(5, seq)) and torch.equal(y, tokens[1:].view(5, seq))
+    val = tg.load_val_tokens(f"{tiny_corpus['data_path']}/fineweb_val_*.bin", tiny_corpus["vocab_size"], 0)
+    windows = np.lib.stride_tricks.sliding_window_view(val, seq)
+    assert not any((windows == row.numpy()).all(axis=1).any() for row in x)
+    log = (tmp_path / "out" / "train.log").read_text()
+    assert re.search(r"^gptq calibration: 5 training sequences \(320 tokens\), 14 matrices, in ", log, re.M)
+
+
+def test_script_with_gptq_and_sdclip_runs_end_to_end(tiny_corpus, tmp_path):
+    from test_training import FINAL_SCORE, run_script, tiny_config
+
+    out = tmp_path / "out"
+    proc = run_script(tmp_path, **tiny_config(tiny_corpus, out, FP16_MAX_NUMEL=0, GPTQ_CALIB_SEQS=8, GPTQ_BLOCK=16,
+                                              QUANT_CLIP="mlp:6,attn:search,embed:20,bigram:search,other:search"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (out / "train.log").read_text().splitlines()
+    assert FINAL_SCORE.match(lines[-1]), lines[-1]
+    assert any(line.startswith("gptq calibration: 8 training sequences (512 tokens), 14 matrices") for line in lines)
+    groups = {m.group(1): m.group(0) for m in (re.match(r"quant group:(\w+) .*", line) for line in lines) if m}
+    assert "clip:6.0 gptq:4 output error gptq:" in groups["mlp"]  # fc and proj of 2 layers
+    assert "clip:search gptq:8 output error" in groups["attn"]  # q, k, v, proj of 2 layers
+    assert "clip:search gptq:1 output error" in groups["bigram"]  # the projection; the table is a lookup
+    assert "clip:20.0 gptq:1 output error" in groups["embed"]  # the tied head
+    assert "gptq:0" in groups["other"]  # resid_mix and skip weights: no Hessian, rounded to nearest
+
+
+def test_gptq_reserve_must_leave_training_time(tiny_corpus, tmp_path):
+    from test_training import assert_setup_error, run_script, tiny_config
+
+    proc = run_script(tmp_path, **tiny_config(tiny_corpus, tmp_path / "out", MAX_WALLCLOCK_SECONDS=5, GPTQ_RESERVE_SECONDS=5))
+    assert_setup_error(proc, "GPTQ_RESERVE_SECONDS=5", "MAX_WALLCLOCK_SECONDS=5")

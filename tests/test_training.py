@@ -283,14 +283,15 @@ def test_wallclock_cap_stops_training_at_the_cap_fully_annealed(tiny_corpus, tmp
     """The loop decides to stop one step ahead: after the first step k whose predicted end (the end of
     step k-1 plus that step's duration) reaches the cap. The logged end times must show that rule
     (which holds however long the steps take on a busy machine), and the LR must be at the end of its
-    warmdown."""
+    warmdown. The cap is MAX_WALLCLOCK_SECONDS less GPTQ_RESERVE_SECONDS (GPTQ is on by default)."""
     out = tmp_path / "out"
-    cap_ms, warmdown = 6000, 20
-    proc = run_script(tmp_path, **tiny_config(tiny_corpus, out, ITERATIONS=100_000, MAX_WALLCLOCK_SECONDS=cap_ms / 1000,
-                                              WARMUP_STEPS=1, LR_WARMUP_STEPS=0, WARMDOWN_ITERS=warmdown,
-                                              TRAIN_LOG_EVERY=1))
+    cap_ms, warmdown = 6000, 20  # the cap training gets: 8 s less the 2 s reserved for GPTQ's calibration
+    proc = run_script(tmp_path, **tiny_config(tiny_corpus, out, ITERATIONS=100_000, MAX_WALLCLOCK_SECONDS=8,
+                                              GPTQ_RESERVE_SECONDS=2, WARMUP_STEPS=1, LR_WARMUP_STEPS=0,
+                                              WARMDOWN_ITERS=warmdown, TRAIN_LOG_EVERY=1))
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (out / "train.log").read_text()
+    assert "training cap: 6s (2s of the 8s reserved for GPTQ calibration)" in log
     steps = re.findall(r"^step:(\d+)/\d+ train_loss:\S+ lr_mul:(\S+) train_time:(\d+)ms", log, re.M)
     assert [int(s) for s, _, _ in steps] == list(range(1, len(steps) + 1))  # every step logged once, in order
     end = [0.0] + [float(ms) for _, _, ms in steps]  # end[k]: end of step k, logged to the nearest ms

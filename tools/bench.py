@@ -6,7 +6,7 @@
   python3 tools/bench.py attention                                              # SDPA backends at the training shape
   python3 tools/bench.py profile                                                # GPU time per kernel of one step
   python3 tools/bench.py step [--steps 10]                                      # ms per bare training step
-  python3 tools/bench.py pack                                                   # packing time and payload, on CPU
+  python3 tools/bench.py pack                                                   # quantization (GPTQ) and packing: time, bytes
   python3 tools/bench.py compare A.log B.log                                    # per-step loss match
   python3 tools/bench.py proxy [--t 180]                                        # quality on real text, 1 GPU
   python3 tools/bench.py score --artifact A.ptz [--ttt-lrs 0.002,0.005]         # re-score an artifact, TTT variants
@@ -222,24 +222,35 @@ def run_profile(a) -> None:
 
 
 def run_pack(a) -> None:
-    """Time pack_model on the configured model (weights perturbed off their init, on the CPU) and
-    print the payload estimate the script logs before training."""
+    """Time quantization and packing of the configured model (weights perturbed off their init), with
+    GPTQ on Hessians of GPTQ_CALIB_SEQS random-token sequences when that is > 0 (on the GPU if there is
+    one, as in the script), and print the payload estimate the script logs before training and the
+    per-group report. Random weights and tokens: the bytes and errors are not those of a trained model."""
     import torch
     import train_gpt as tg
     args = settings()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = tg.build_model(args, bos_id=1)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p), alpha=0.01)
+    model.to(device)
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    bits = tg.parse_quant_bits(args.quant_bits)
+    bits, clips = tg.parse_quant_bits(args.quant_bits), tg.parse_quant_clip(args.quant_clip)
     payload = tg.payload_bytes(state, bits, [], args.fp16_max_numel)
-    t0 = time.perf_counter()
-    blob, report = tg.pack_model(state, bits, [], args.fp16_max_numel, args.compressor)
-    print(f"config: {args.num_layers}L {args.model_dim}d MLP{args.mlp_mult:g}, {args.quant_bits}, {args.compressor}; "
-          f"payload {payload:,} bytes; packed {len(blob):,} bytes in {time.perf_counter() - t0:.1f}s "
-          "(" + ", ".join(f"{r['group']}:{r['codec']}" for r in report) + ")")
+    hessians, t0 = {}, time.perf_counter()
+    if args.gptq_calib_seqs:
+        x = torch.randint(4, args.vocab_size, (args.gptq_calib_seqs, args.train_seq_len + 1), device=device)
+        hessians = tg.collect_hessians(model, x[:, :-1], x[:, 1:])
+    t1 = time.perf_counter()
+    blob, report = tg.pack_model(state, bits, [], args.fp16_max_numel, args.compressor, clips, hessians,
+                                 block=args.gptq_block, damp=args.gptq_damp, act_order=bool(args.gptq_act_order))
+    print(f"config: {args.num_layers}L {args.model_dim}d MLP{args.mlp_mult:g}, {args.quant_bits}, {args.quant_clip}, "
+          f"{args.compressor}, GPTQ_CALIB_SEQS={args.gptq_calib_seqs} on {device}; payload {payload:,} bytes; "
+          f"Hessians {t1 - t0:.1f}s; packed {len(blob):,} bytes in {time.perf_counter() - t1:.1f}s")
+    for row in report:
+        print("  " + " ".join(f"{k}:{v}" for k, v in row.items()))
 
 
 def median_ms(fn, warmup: int = 5, reps: int = 20) -> float:
