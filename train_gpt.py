@@ -154,35 +154,35 @@ class Hyperparameters:
 
     def __init__(self):
         # Data and run identity.
-        self.data_path = env("DATA_PATH", "./data/datasets/fineweb10B_sp1024", NONEMPTY_TEXT)
-        self.tokenizer_path = env("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model", NONEMPTY_TEXT)
+        self.data_path = env("DATA_PATH", "./data/datasets/fineweb10B_sp8192", NONEMPTY_TEXT)
+        self.tokenizer_path = env("TOKENIZER_PATH", "./data/tokenizers/fineweb_8192_bpe.model", NONEMPTY_TEXT)
         self.run_id = env("RUN_ID", uuid.uuid4().hex[:8], NONEMPTY_TEXT)
         self.out_dir = env("OUT_DIR", ".", NONEMPTY_TEXT)
         self.seed = env("SEED", 1337, between(0, 2**32 - 1))  # what numpy takes
 
         # Model.
-        self.vocab_size = env("VOCAB_SIZE", 1024, between(2, 65536))  # shards hold uint16 token ids
-        self.num_layers = env("NUM_LAYERS", 10, at_least(1))
+        self.vocab_size = env("VOCAB_SIZE", 8192, between(2, 65536))  # shards hold uint16 token ids
+        self.num_layers = env("NUM_LAYERS", 11, at_least(1))
         self.model_dim = env("MODEL_DIM", 512, at_least(2))
         self.num_heads = env("NUM_HEADS", 8, at_least(1))
         self.num_kv_heads = env("NUM_KV_HEADS", 4, at_least(1))
-        self.mlp_mult = env("MLP_MULT", 3.0, above(0))
+        self.mlp_mult = env("MLP_MULT", 4.0, above(0))
         self.rope_base = env("ROPE_BASE", 10000.0, above(1))
-        self.qk_gain_init = env("QK_GAIN_INIT", 1.5, above(0))
+        self.qk_gain_init = env("QK_GAIN_INIT", 5.0, above(0))
         self.logit_softcap = env("LOGIT_SOFTCAP", 30.0, above(0))
-        self.bigram_vocab_size = env("BIGRAM_VOCAB_SIZE", 2048, off_or(at_least(2)))  # 1: only the starts' bucket
+        self.bigram_vocab_size = env("BIGRAM_VOCAB_SIZE", 0, off_or(at_least(2)))  # 1: only the starts' bucket
         self.bigram_dim = env("BIGRAM_DIM", 128, at_least(1))
         self.tied_embed_init_std = env("TIED_EMBED_INIT_STD", 0.005, above(0))
-        self.smear_gate = env("SMEAR_GATE", 1, one_of(0, 1))  # blend each token's embedding with its predecessor's
-        self.rope_dims = env("ROPE_DIMS", 0, at_least(0))  # partial RoPE: rotate this many of each head's dims; 0: all
-        self.xsa_last_n = env("XSA_LAST_N", 0, at_least(0))  # exclusive self-attention in the last N layers
-        self.ln_scale = env("LN_SCALE", 0, one_of(0, 1))  # 1: block i's normalized inputs times 1/sqrt(i+1)
-        self.parallel_last_n = env("PARALLEL_LAST_N", 0, at_least(0))  # the last N blocks run attention and MLP side by side
-        self.mlp_neg_slope = env("MLP_NEG_SLOPE", 0.0, between(0, 1))  # MLP activation leaky_relu(., slope)^2; 0: relu^2
-        self.skip_gates = env("SKIP_GATES", 0, one_of(0, 1))  # 1: U-Net skips enter through learned sigmoid gates
+        self.smear_gate = env("SMEAR_GATE", 0, one_of(0, 1))  # blend each token's embedding with its predecessor's
+        self.rope_dims = env("ROPE_DIMS", 16, at_least(0))  # partial RoPE: rotate this many of each head's dims; 0: all
+        self.xsa_last_n = env("XSA_LAST_N", 11, at_least(0))  # exclusive self-attention in the last N layers (all if more)
+        self.ln_scale = env("LN_SCALE", 1, one_of(0, 1))  # 1: block i's normalized inputs times 1/sqrt(i+1)
+        self.parallel_last_n = env("PARALLEL_LAST_N", 4, at_least(0))  # the last N blocks run attention and MLP side by side
+        self.mlp_neg_slope = env("MLP_NEG_SLOPE", 0.5, between(0, 1))  # MLP activation leaky_relu(., slope)^2; 0: relu^2
+        self.skip_gates = env("SKIP_GATES", 1, one_of(0, 1))  # 1: U-Net skips enter through learned sigmoid gates
         self.loop_first = env("LOOP_FIRST", 3, at_least(0))  # depth recurrence: blocks LOOP_FIRST..LOOP_LAST run
         self.loop_last = env("LOOP_LAST", 5, at_least(0))
-        self.loop_repeats = env("LOOP_REPEATS", 0, at_least(0))  # ... this many extra times; 0: off
+        self.loop_repeats = env("LOOP_REPEATS", 2, at_least(0))  # ... this many extra times; 0: off
         self.loop_start_frac = env("LOOP_START_FRAC", 0.35, between(0, 1))  # ... from this fraction of training on
 
         # Training length and batch.
@@ -193,29 +193,29 @@ class Hyperparameters:
         self.warmup_steps = env("WARMUP_STEPS", 20, at_least(0))  # compile warm-up, undone before the clock starts
         self.lr_warmup_steps = env("LR_WARMUP_STEPS", 20, at_least(0))
         self.warmdown_iters = env("WARMDOWN_ITERS", 3000, at_least(0))
-        self.warmdown_frac = env("WARMDOWN_FRAC", 0.0, between(0, 1))  # > 0: warmdown over this last fraction, not WARMDOWN_ITERS
+        self.warmdown_frac = env("WARMDOWN_FRAC", 0.72, between(0, 1))  # > 0: warmdown over this last fraction, not WARMDOWN_ITERS
         self.lr_floor = env("LR_FLOOR", 0.0, between(0, 1))  # the warmdown ends at this multiple of the LR instead of 0
         self.max_wallclock_seconds = env("MAX_WALLCLOCK_SECONDS", 600.0, at_least(0))  # 0: no cap
 
         # Optimizers.
-        self.matrix_lr = env("MATRIX_LR", 0.02, at_least(0))
+        self.matrix_lr = env("MATRIX_LR", 0.022, at_least(0))
         self.scalar_lr = env("SCALAR_LR", 0.02, at_least(0))
         self.tied_embed_lr = env("TIED_EMBED_LR", 0.03, at_least(0))
-        self.muon_momentum = env("MUON_MOMENTUM", 0.99, DECAY)
+        self.muon_momentum = env("MUON_MOMENTUM", 0.97, DECAY)
         self.muon_momentum_warmup_start = env("MUON_MOMENTUM_WARMUP_START", 0.92, DECAY)
         self.muon_momentum_warmup_steps = env("MUON_MOMENTUM_WARMUP_STEPS", 1500, at_least(0))
         self.muon_backend_steps = env("MUON_BACKEND_STEPS", 5, at_least(1))
-        self.muon_row_norm = env("MUON_ROW_NORM", 0, one_of(0, 1))  # 1: MuonEq-R, rows of the update normalized before Newton-Schulz
+        self.muon_row_norm = env("MUON_ROW_NORM", 1, one_of(0, 1))  # 1: MuonEq-R, rows of the update normalized before Newton-Schulz
         self.beta1 = env("BETA1", 0.9, DECAY)
         self.beta2 = env("BETA2", 0.95, DECAY)
         self.adam_eps = env("ADAM_EPS", 1e-8, above(0))
-        self.weight_decay = env("WEIGHT_DECAY", 0.04, at_least(0))
+        self.weight_decay = env("WEIGHT_DECAY", 0.095, at_least(0))
         self.grad_clip_norm = env("GRAD_CLIP_NORM", 0.3, at_least(0))  # 0: no clipping
 
         # Weight averaging.
-        self.ema_decay = env("EMA_DECAY", 0.0, DECAY)  # 0: off
+        self.ema_decay = env("EMA_DECAY", 0.9965, DECAY)  # 0: off
         self.swa_start_frac = env("SWA_START_FRAC", 0.4, between(0, 1))
-        self.swa_every = env("SWA_EVERY", 50, at_least(0))  # 0: off
+        self.swa_every = env("SWA_EVERY", 0, at_least(0))  # 0: off
 
         # Evaluation and logging.
         self.val_loss_every = env("VAL_LOSS_EVERY", 1000, at_least(0))
@@ -235,9 +235,9 @@ class Hyperparameters:
         self.ttt_freeze_blocks = env("TTT_FREEZE_BLOCKS", 0, at_least(0))
 
         # Compression and the submission.
-        self.quant_bits = env("QUANT_BITS", "mlp:5,attn:6,embed:8,bigram:6,other:8",
+        self.quant_bits = env("QUANT_BITS", "mlp:6,attn:6,embed:7,bigram:6,other:8",
                               Range("GROUP:BITS for each of mlp, attn, embed, bigram, other", parse_quant_bits))
-        self.quant_clip = env("QUANT_CLIP", "mlp:search,attn:search,embed:search,bigram:search,other:search",
+        self.quant_clip = env("QUANT_CLIP", "mlp:14,attn:13.5,embed:16,bigram:search,other:search",
                               Range("GROUP:CLIP for each group, CLIP 'search' or standard deviations > 0", parse_quant_clip))
         self.gptq_calib_seqs = env("GPTQ_CALIB_SEQS", 64, at_least(0))  # 0: round-to-nearest, no calibration
         self.gptq_reserve_seconds = env("GPTQ_RESERVE_SECONDS", 5.0, at_least(0))
@@ -278,10 +278,9 @@ class Hyperparameters:
         if self.loop_repeats and not self.loop_first <= self.loop_last < self.num_layers:
             raise SetupError(f"LOOP_FIRST={self.loop_first} and LOOP_LAST={self.loop_last} must name blocks "
                              f"0 <= LOOP_FIRST <= LOOP_LAST < NUM_LAYERS={self.num_layers} to loop")
-        for name, n in (("XSA_LAST_N", self.xsa_last_n), ("PARALLEL_LAST_N", self.parallel_last_n),
-                        ("TTT_FREEZE_BLOCKS", self.ttt_freeze_blocks)):
-            if n > self.num_layers:
-                raise SetupError(f"{name}={n} is more than NUM_LAYERS={self.num_layers}: use 0..{self.num_layers}")
+        if self.ttt_freeze_blocks > self.num_layers:
+            raise SetupError(f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} is more than NUM_LAYERS={self.num_layers}: "
+                             f"use 0..{self.num_layers}")
         if self.rope_dims % 2 or self.rope_dims > self.model_dim // self.num_heads:
             raise SetupError(f"ROPE_DIMS={self.rope_dims} must be even and at most the head width "
                              f"{self.model_dim // self.num_heads} (0: all of it)")
@@ -1869,14 +1868,14 @@ def train_and_score(args: Hyperparameters, rank: int, world: int, device: torch.
     if args.gptq_calib_seqs:
         # Right after training, inside its budget: the training stream's next sequences, each rank its
         # share, through an uncompiled fp32 copy of the averaged weights (the ones to be quantized).
-        t_calib = sync_time()
+        t_calib = sync_time(device)
         share = -(-args.gptq_calib_seqs // world)
         x, y = loader.next_batch(share * args.train_seq_len, args.train_seq_len)
         calib_model = copy.deepcopy(base_model)
         calib_model.load_state_dict(averaged)
         hessians = collect_hessians(calib_model, x, y)
         del calib_model
-        calib_s = sync_time() - t_calib
+        calib_s = sync_time(device) - t_calib
         log(f"gptq calibration: {share * world} training sequences ({share * world * args.train_seq_len:,} tokens), "
             f"{len(hessians)} matrices, in {calib_s:.2f}s; training + calibration {train_ms / 1000 + calib_s:.1f}s"
             + (f" of {budget_s:g}s" if budget_s > 0 else ""))

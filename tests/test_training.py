@@ -34,7 +34,7 @@ def tiny_config(corpus: dict, out_dir: Path, **overrides) -> dict:
     cfg = dict(DATA_PATH=corpus["data_path"], TOKENIZER_PATH=corpus["tokenizer"], VOCAB_SIZE=corpus["vocab_size"],
                NUM_LAYERS=2, MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, TRAIN_SEQ_LEN=64, TRAIN_BATCH_TOKENS=512,
                ITERATIONS=3, WARMUP_STEPS=1, MAX_WALLCLOCK_SECONDS=0, VAL_LOSS_EVERY=0, COMPILE=0,
-               BIGRAM_VOCAB_SIZE=64, BIGRAM_DIM=16, OUT_DIR=out_dir, EVAL_STRIDE=32)
+               BIGRAM_VOCAB_SIZE=64, BIGRAM_DIM=16, OUT_DIR=out_dir, EVAL_STRIDE=32, LOOP_REPEATS=0)
     cfg.update(overrides)
     return cfg
 
