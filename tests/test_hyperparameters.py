@@ -136,20 +136,25 @@ def test_range_admits_what_its_words_say(allowed, inside, outside):
 
 
 DEFAULTS = [
-    ("num_layers", 10),
+    ("num_layers", 11),
     ("model_dim", 512),
     ("num_heads", 8),
     ("num_kv_heads", 4),
-    ("mlp_mult", 3.0),
+    ("mlp_mult", 4.0),
     ("train_seq_len", 2048),
     ("train_batch_tokens", 786_432),
-    ("bigram_vocab_size", 2048),
+    ("bigram_vocab_size", 0),
     ("bigram_dim", 128),
     ("eval_stride", 64),
     ("max_wallclock_seconds", 600.0),
     ("logit_softcap", 30.0),
-    ("data_path", "./data/datasets/fineweb10B_sp1024"),
-    ("vocab_size", 1024),
+    ("data_path", "./data/datasets/fineweb10B_sp8192"),
+    ("tokenizer_path", "./data/tokenizers/fineweb_8192_bpe.model"),
+    ("vocab_size", 8192),
+    ("xsa_last_n", 11),
+    ("rope_dims", 16),
+    ("loop_repeats", 2),
+    ("gptq_calib_seqs", 64),
 ]
 
 
@@ -169,6 +174,7 @@ def test_hyperparameters_default_batch_splits_into_eight_whole_sequences():
 
 def test_hyperparameters_pick_up_environment(monkeypatch):
     monkeypatch.setenv("NUM_LAYERS", "4")
+    monkeypatch.setenv("LOOP_LAST", "3")
     monkeypatch.setenv("MODEL_DIM", "256")
     monkeypatch.setenv("MLP_MULT", "2.5")
     monkeypatch.setenv("MAX_WALLCLOCK_SECONDS", "0")

@@ -288,7 +288,7 @@ def test_wallclock_cap_stops_training_at_the_cap_fully_annealed(tiny_corpus, tmp
     cap_ms, warmdown = 6000, 20  # the cap training gets: 8 s less the 2 s reserved for GPTQ's calibration
     proc = run_script(tmp_path, **tiny_config(tiny_corpus, out, ITERATIONS=100_000, MAX_WALLCLOCK_SECONDS=8,
                                               GPTQ_RESERVE_SECONDS=2, WARMUP_STEPS=1, LR_WARMUP_STEPS=0,
-                                              WARMDOWN_ITERS=warmdown, TRAIN_LOG_EVERY=1))
+                                              WARMDOWN_ITERS=warmdown, WARMDOWN_FRAC=0, TRAIN_LOG_EVERY=1))
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (out / "train.log").read_text()
     assert "training cap: 6s (2s of the 8s reserved for GPTQ calibration)" in log
@@ -305,7 +305,8 @@ def test_wallclock_cap_stops_training_at_the_cap_fully_annealed(tiny_corpus, tmp
     assert predicted(last - 1) < cap_ms + 2, (predicted(last - 1), cap_ms)  # and not a step earlier
     # The LR of each step comes from the predicted end of the step before it, so the last one is within
     # about a step of the end of the warmdown.
-    args = SimpleNamespace(lr_warmup_steps=0, iterations=100_000, warmdown_iters=warmdown, max_wallclock_seconds=cap_ms / 1000)
+    args = SimpleNamespace(lr_warmup_steps=0, iterations=100_000, warmdown_iters=warmdown, max_wallclock_seconds=cap_ms / 1000,
+                           warmdown_frac=0.0, lr_floor=0.0)
     for k in (last - 1, last):
         # predicted() is off by up to 1.5 ms from the logged rounding; the LR falls as the time grows
         low, high = (tg.lr_multiplier(k - 1, predicted(k - 1) + d, args) for d in (1.5, -1.5))
