@@ -109,6 +109,7 @@ def run_eval(a) -> None:
     device = torch.device("cuda")
     seq_len = args.eval_seq_len or args.train_seq_len
     model = tg.build_model(args, bos_id=1).to(device)
+    model.looping = args.loop_repeats > 0  # a trained model evaluates with its looped layers
     scorer = torch.compile(model, dynamic=False) if args.compile else model
     g = torch.Generator(device=device).manual_seed(0)
     tokens = torch.randint(4, args.vocab_size, (FINEWEB_VAL_TOKENS,), device=device, dtype=torch.int32, generator=g)
