@@ -6,7 +6,7 @@
 # 2 shared CPU cores). One intra-op thread: on 2 busy cores, 2 threads took 7-12x longer a step (README).
 set -euo pipefail
 cd "$(dirname "$0")"
-DATA_PATH=${DATA_PATH:-./data/datasets/fineweb10B_sp1024}
+DATA_PATH=${DATA_PATH:-./data/datasets/fineweb10B_sp8192}
 if python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" && compgen -G "$DATA_PATH/fineweb_train_*.bin" >/dev/null; then
   exec torchrun --standalone --nproc_per_node="${NPROC:-$(python3 -c 'import torch; print(torch.cuda.device_count())')}" train_gpt.py
 fi
