@@ -611,6 +611,21 @@ def test_payload_bytes_counts_bits_per_value_row_scales_and_fp16():
     assert tg.payload_bytes(state, bits, ["mlp.fc"], 16) == int(expected - (128 * 5 / 8 + 2 * 8) + 2 * 128)
 
 
+def test_payload_estimate_with_sdclip_is_the_entropy_of_the_rounded_gaussian_and_near_the_packed_bytes():
+    """SDClip at k standard deviations rounds a Gaussian row at steps of k/qmax of its std: about
+    log2(qmax sqrt(2 pi e) / k) bits a value, which the compressors come close to."""
+    gen = torch.Generator().manual_seed(1)
+    state = {f"blocks.{i}.mlp.fc.weight": torch.randn(256, 512, generator=gen) for i in range(4)}
+    bits = tg.parse_quant_bits("mlp:6,attn:6,embed:8,bigram:6,other:8")
+    clips = tg.parse_quant_clip("mlp:14,attn:search,embed:search,bigram:search,other:search")
+    per_value = math.log2(31 * math.sqrt(2 * math.pi * math.e) / 14)  # 3.19 bits
+    estimate = tg.payload_bytes(state, bits, [], 0, clips)
+    assert estimate == int(4 * (256 * 512 * per_value / 8 + 2 * 256))
+    blob, _ = tg.pack_model(state, bits, [], 0, "auto", clips)
+    assert 0.95 < len(blob) / estimate < 1.1
+    assert tg.payload_bytes(state, bits, [], 0) > 1.8 * estimate  # 6 bits a value without the clip
+
+
 def test_packed_artifact_of_random_weights_is_near_the_payload():
     """Random weights barely compress: the packed size lies close to the payload estimate."""
     gen = torch.Generator().manual_seed(0)
