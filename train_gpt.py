@@ -5,9 +5,10 @@ Parameter Golf entry: train the best GPT that fits a 16,000,000-byte artifact in
 
 Every knob is an environment variable (see Hyperparameters). The run trains, averages the weights
 (EMA/SWA), collects GPTQ Hessians from training tokens inside the time budget, quantizes the weights to
-mixed int5/int6/int8 with GPTQ, packs them with zstd or lzma, rebuilds a fresh model from that file alone
-and scores it with the exact stride-64 sliding-window evaluator. The last line of the log is the score
-of the round-tripped model.
+per-group integer widths (int6/int7 by default) with GPTQ at std-based clips, packs them with zstd or lzma,
+rebuilds a fresh model from that file alone and scores it with the exact stride-64 sliding-window
+evaluator (optionally with score-first TTT). The last line of the log is the score of the round-tripped
+model.
 """
 from __future__ import annotations
 

@@ -285,7 +285,7 @@ def run_compare(a) -> None:
 PROXY_BATCH_TOKENS = 98_304
 STEP_SCHEDULES = ("WARMDOWN_ITERS", "MUON_MOMENTUM_WARMUP_STEPS", "SWA_EVERY")
 PROXY_SET = ("DATA_PATH", "TOKENIZER_PATH", "TRAIN_BATCH_TOKENS", "GRAD_ACCUM_STEPS", "MAX_WALLCLOCK_SECONDS",
-             "VAL_LOSS_EVERY", "OUT_DIR", "ALLOW_OVER_CAP") + STEP_SCHEDULES  # EMA_DECAY too, but as given
+             "VAL_LOSS_EVERY", "OUT_DIR", "ALLOW_OVER_CAP") + STEP_SCHEDULES  # set by the protocol, not logged as changed
 PROXY_PATTERNS = dict(
     final=r"^final_score val_loss:\S+ val_bpb:(\S+)", pre=r"^pre-quantization .* val_bpb:(\S+)",
     cost=r"^round trip: .*quantization cost (\S+) bpb", steps=r"^training: (\d+) steps",
