@@ -29,3 +29,14 @@ def test_proxy_summary_reads_the_scores_steps_and_bytes_of_a_log():
     ])
     assert bench.proxy_summary(log) == dict(final="1.33520000", pre="1.3408", cost="+0.0069", steps="2682", ms="67.11",
                                             bytes="14,801,480", gpu="NVIDIA H100 80GB HBM3", eval_s="30.5")
+
+
+def test_ttt_variants_override_only_the_named_settings_with_their_types():
+    class Args:
+        ttt_lr, ttt_chunk_tokens, ttt_epochs, ttt_batch_seqs = 0.002, 32768, 3, 32
+        ttt_momentum, ttt_freeze_blocks, ttt_grad_clip = 0.9, 0, 1.0
+    variants = bench.ttt_variants("lr=0.01; chunk=8192,epochs=2;", Args())
+    assert variants == [{"ttt_lr": 0.01}, {"ttt_chunk_tokens": 8192, "ttt_epochs": 2}]
+    assert type(variants[1]["ttt_chunk_tokens"]) is int
+    with pytest.raises(SystemExit, match="error: --ttt item 'rate=1'"):
+        bench.ttt_variants("rate=1", Args())

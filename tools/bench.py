@@ -9,7 +9,7 @@
   python3 tools/bench.py pack                                                   # quantization (GPTQ) and packing: time, bytes
   python3 tools/bench.py compare A.log B.log                                    # per-step loss match
   python3 tools/bench.py proxy [--t 180]                                        # quality on real text, 1 GPU
-  python3 tools/bench.py score --artifact A.ptz [--ttt-lrs 0.002,0.005]         # re-score an artifact, TTT variants
+  python3 tools/bench.py score --artifact A.ptz [--ttt "lr=0.005;lr=0.01,chunk=8192"]  # re-score an artifact, TTT variants
 
 `proxy` measures quality (../shared/docs/proxy.md): it builds shards of the proxy's real English text
 for the configured VOCAB_SIZE (cached under /tmp/proxy_spVOCAB), runs train_gpt.py on one GPU with one
@@ -343,16 +343,37 @@ def run_proxy(a) -> None:
                 f"{r['steps']} | {r['ms']} | {r['bytes']}{over} | {r['gpu']}, T={a.t:g} |\n")
 
 
+TTT_KEYS = dict(lr="ttt_lr", chunk="ttt_chunk_tokens", epochs="ttt_epochs", batch="ttt_batch_seqs",
+                momentum="ttt_momentum", freeze="ttt_freeze_blocks", clip="ttt_grad_clip")
+
+
+def ttt_variants(spec: str, args) -> list[dict]:
+    """[{attribute: value}] from "lr=0.005;lr=0.01,chunk=8192": one variant per ';', each overriding the
+    TTT_* settings of the environment for that variant only."""
+    variants = []
+    for text in filter(None, (v.strip() for v in spec.split(";"))):
+        variant = {}
+        for item in text.split(","):
+            key, _, value = item.partition("=")
+            if key.strip() not in TTT_KEYS:
+                raise SystemExit(f"error: --ttt item {item!r}: keys are {', '.join(TTT_KEYS)}")
+            attr = TTT_KEYS[key.strip()]
+            variant[attr] = type(getattr(args, attr))(value)
+        variants.append(variant)
+    return variants
+
+
 def run_score(a) -> None:
     """Score one artifact as the script's round trip does (the model shape from the environment), plain and
-    sliding, then with score-first TTT at each learning rate of --ttt-lrs (TTT_* settings from the
-    environment; the weights are reloaded from the file before each): compares evaluations without
-    retraining. Proxy text and tokenizer as for `proxy`."""
+    sliding, then with score-first TTT for each variant of --ttt (TTT_* settings from the environment, each
+    variant overriding some; the weights are reloaded from the file before each): compares evaluations
+    without retraining. Proxy text and tokenizer as for `proxy`."""
     import numpy as np
     import sentencepiece as spm
     import torch
     import train_gpt as tg
     args = tg.Hyperparameters()
+    variants = ttt_variants(a.ttt, args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sp = spm.SentencePieceProcessor(model_file=args.tokenizer_path)
     luts = tg.byte_luts(sp, args.vocab_size, device)
@@ -368,13 +389,17 @@ def run_score(a) -> None:
         t0 = tg.sync_time(device)
         loss, bpb = tg.evaluate(scorer, val, seq_len, stride, args.eval_batch_seqs, luts)
         print(f"score {'sliding' if stride else 'plain'}: val_loss {loss:.4f} val_bpb {bpb:.5f} in {tg.sync_time(device) - t0:.1f}s", flush=True)
-    for lr in filter(None, a.ttt_lrs.split(",")):
-        args.ttt_lr = float(lr)
+    base = {attr: getattr(args, attr) for attr in TTT_KEYS.values()}
+    for variant in variants:
+        vars(args).update(base, **variant)
         model.load_state_dict(state)
+        for p in model.parameters():
+            p.requires_grad_(True)  # ttt_parameters froze the last variant's blocks
         params = tg.ttt_parameters(model, args.ttt_freeze_blocks)
         loss, bpb, score_s, adapt_s = tg.evaluate_ttt(scorer, params, val, seq_len, args.eval_stride, luts, args)
-        print(f"score sliding+ttt lr {lr} epochs {args.ttt_epochs} chunk {args.ttt_chunk_tokens}: val_loss {loss:.4f} "
-              f"val_bpb {bpb:.5f}, scoring {score_s:.1f}s + adaptation {adapt_s:.1f}s", flush=True)
+        shown = " ".join(f"{k}={getattr(args, attr)}" for k, attr in TTT_KEYS.items())
+        print(f"score sliding+ttt {shown}: val_loss {loss:.4f} val_bpb {bpb:.5f}, scoring {score_s:.1f}s + "
+              f"adaptation {adapt_s:.1f}s", flush=True)
 
 
 def main() -> None:
@@ -409,7 +434,8 @@ def main() -> None:
     x.add_argument("--results", default=str(ROOT / "benchmarks" / "proxy_results.md"))
     sc = sub.add_parser("score")
     sc.add_argument("--artifact", default="/tmp/proxy_out/final_model.ptz")
-    sc.add_argument("--ttt-lrs", default="", help="comma-separated TTT learning rates to try (TTT_EPOCHS must be > 0)")
+    sc.add_argument("--ttt", default="", help="TTT variants to try, ';'-separated, each KEY=VALUE,... with KEY in "
+                    + ", ".join(TTT_KEYS) + " (epochs must end up > 0)")
     a = ap.parse_args()
     {"score": run_score, "proxy": run_proxy, "train": run_train, "eval": run_eval, "attention": run_attention, "profile": run_profile, "step": run_step, "pack": run_pack, "compare": run_compare}[a.mode](a)
 
