@@ -240,6 +240,8 @@ class Hyperparameters:
                               Range("GROUP:BITS for each of mlp, attn, embed, bigram, other", parse_quant_bits))
         self.quant_clip = env("QUANT_CLIP", "mlp:14,attn:13.5,embed:16,bigram:search,other:search",
                               Range("GROUP:CLIP for each group, CLIP 'search' or standard deviations > 0", parse_quant_clip))
+        # Per-matrix clips: k x (sensitivity / group's geometric mean)^-QUANT_ALLOC; 0: the group's k everywhere
+        self.quant_alloc = env("QUANT_ALLOC", 0.0, between(0, 1))
         self.gptq_calib_seqs = env("GPTQ_CALIB_SEQS", 64, at_least(0))  # 0: round-to-nearest, no calibration
         self.gptq_reserve_seconds = env("GPTQ_RESERVE_SECONDS", 5.0, at_least(0))
         self.gptq_damp = env("GPTQ_DAMP", 0.01, above(0))
@@ -288,6 +290,9 @@ class Hyperparameters:
         if self.gptq_calib_seqs and 0 < self.max_wallclock_seconds <= self.gptq_reserve_seconds:
             raise SetupError(f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds:g} must be below "
                              f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds:g}: it is taken out of the training time")
+        if self.quant_alloc and not self.gptq_calib_seqs:
+            raise SetupError(f"QUANT_ALLOC={self.quant_alloc:g} spreads clips by sensitivities measured in GPTQ's "
+                             "calibration: set GPTQ_CALIB_SEQS above 0, or QUANT_ALLOC=0")
         # The model never saw positions past TRAIN_SEQ_LEN, and the evaluation's time grows with the window.
         if self.eval_seq_len > 4 * self.train_seq_len:
             raise SetupError(f"EVAL_SEQ_LEN={self.eval_seq_len} is over 4 x TRAIN_SEQ_LEN={self.train_seq_len}: use 0 "
@@ -677,6 +682,7 @@ def evaluate_ttt(model, params: list[nn.Parameter], tokens: torch.Tensor, seq_le
 # compressed with zstd or lzma
 
 QUANT_GROUPS = ("mlp", "attn", "embed", "bigram", "other")
+CALIB_BATCH_SEQS = 8  # calibration sequences per forward
 CLIP_FRACTIONS = (1.0, 0.98, 0.95, 0.92, 0.88, 0.84, 0.8, 0.75, 0.7)
 PACK_MAGIC = b"PGQ2"
 
@@ -818,7 +824,8 @@ def hessian_inputs(model: nn.Module) -> dict[nn.Module, list[str]]:
 
 
 @torch.no_grad()
-def collect_hessians(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_seqs: int = 8) -> dict[str, torch.Tensor]:
+def collect_hessians(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                     batch_seqs: int = CALIB_BATCH_SEQS) -> dict[str, torch.Tensor]:
     """H = sum of a a^T over each weight matrix's inputs a, by name, summed over ranks. The model must be
     uncompiled, fp32, without autocast: then the Triton kernels are off and the MLP calls its nn.Linear
     modules, so pre-hooks see every input. A module called several times (shared layers) adds up."""
@@ -840,6 +847,53 @@ def collect_hessians(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_s
         for h in sums.values():  # every rank fires the same modules in the same order
             dist.all_reduce(h)
     return {name: sums[module] for module, names in targets.items() if module in sums for name in names}
+
+
+@torch.no_grad()
+def sampled_targets(model: nn.Module, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Next tokens drawn from the model's own predictions for x (not the text's)."""
+    heads = []
+    hook = model.head_input.register_forward_hook(lambda module, inputs, out: heads.append(out))
+    model(x, torch.zeros_like(x))
+    hook.remove()
+    probs = model.head_logits(heads[0]).flatten(0, 1).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).view_as(x)
+
+
+def weight_sensitivities(model: nn.Module, x: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
+    """Each matrix's mean squared loss gradient per weight, for targets the model draws itself, summed over
+    ranks. With drawn targets a token's expected gradient is zero, so the batch gradient's squared norm
+    estimates the trace of the Fisher (= Gauss-Newton) matrix over the tokens: the loss a unit of squared
+    rounding error in that matrix costs, free of the mean gradient and of correlations between tokens."""
+    y = sampled_targets(model, x, generator)
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        model(x, y).mean().backward()
+    matrices = [(name, p) for name, p in model.named_parameters() if p.ndim == 2 and p.numel() and p.grad is not None]
+    squares = torch.stack([p.grad.float().square().mean() for _, p in matrices])
+    model.zero_grad(set_to_none=True)
+    if dist.is_initialized():
+        dist.all_reduce(squares)
+    return dict(zip((name for name, _ in matrices), squares.tolist()))
+
+
+def allocated_clips(state: dict[str, torch.Tensor], groups: dict[str, str], clips: dict[str, float | None],
+                    sensitivities: dict[str, float], alloc: float) -> dict[str, float | None]:
+    """Each matrix's clip: its group's SDClip k times (s / S)^-alloc, s its sensitivity and S the group's
+    geometric mean of s weighted by size, kept within 2x of k (a narrower clip would cut int6 tails). A
+    matrix's loss grows as s k^2 while its bytes fall as log k, so alloc 0.5 puts a group's bytes where they
+    buy the most (4x the sensitivity, half the step: one bit more) and leaves the group's bytes as they were."""
+    out = {name: clips.get(group) for name, group in groups.items()}
+    for group, k in clips.items():
+        names = [n for n, g in groups.items() if g == group and n in sensitivities]
+        if k is None or not alloc or not names:
+            continue
+        logs = {n: math.log(max(sensitivities[n], 1e-30)) for n in names}
+        sizes = {n: state[n].numel() for n in names}
+        center = sum(logs[n] * sizes[n] for n in names) / sum(sizes.values())
+        for n in names:
+            out[n] = k * min(max(math.exp(-alloc * (logs[n] - center)), 0.5), 2.0)
+    return out
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -888,23 +942,25 @@ def byte_planes(halves: bytes) -> bytes:
 
 def pack_model(state: dict[str, torch.Tensor], bits: dict[str, int], fp16_keep: list[str], fp16_max_numel: int,
                method: str, clips: dict[str, float | None] | None = None, hessians: dict[str, torch.Tensor] | None = None,
-               **gptq) -> tuple[bytes, list[dict]]:
+               sensitivities: dict[str, float] | None = None, alloc: float = 0.0, **gptq) -> tuple[bytes, list[dict]]:
     """The compressed artifact and one report row per section. Tensors are grouped (mlp, attn, embed,
     bigram, other; fp16 for small or FP16_KEEP tensors) and each group is compressed on its own, so the
     report's bytes add up to the file. Tensors with a Hessian go through GPTQ (gptq: gptq_rows' block, damp,
-    act_order), the rest are rounded to nearest; clips: each group's clip (default: the search). The
-    report gives GPTQ's and rounding's relative output error tr(E H E^T) / tr(W H W^T)."""
+    act_order), the rest are rounded to nearest; clips: each group's clip (default: the search), spread over
+    its matrices by their sensitivities with alloc > 0 (allocated_clips). The report gives GPTQ's and
+    rounding's relative output error tr(E H E^T) / tr(W H W^T)."""
     clips, hessians = clips or dict.fromkeys(QUANT_GROUPS), hessians or {}
+    groups = {name: tensor_group(name, t, fp16_keep, fp16_max_numel) for name, t in state.items()}
+    tensor_clips = allocated_clips(state, groups, clips, sensitivities or {}, alloc)
     entries, sections, errors = [], {}, {}
     for name, t in state.items():
-        t = t.detach()
-        group = tensor_group(name, t, fp16_keep, fp16_max_numel)
+        t, group = t.detach(), groups[name]
         entries.append(dict(name=name, shape=list(t.shape), group=group))
         parts = sections.setdefault(group, ([], []))
         if group == "fp16":
             parts[0].append(t.cpu().half().numpy().tobytes())
             continue
-        q, scale = quantize_rows(t.cpu(), bits[group], clips[group])
+        q, scale = quantize_rows(t.cpu(), bits[group], tensor_clips[name])
         if name in hessians:
             h, rtn = hessians[name], dequantize_rows(q, scale)
             q = gptq_rows(t, scale, h, bits[group], **gptq)
@@ -923,7 +979,9 @@ def pack_model(state: dict[str, torch.Tensor], bits: dict[str, int], fp16_keep: 
                    params=sum(math.prod(e["shape"]) for e in members), bits=16 if group == "fp16" else bits[group])
         if group != "fp16":
             gptq_err, rtn_err, signal = (sum(v) for v in zip(*errors.get(group, [(0.0, 0.0, 1.0)])))
-            row.update(clip=clips[group] or "search", gptq=len(errors.get(group, [])),
+            ks = sorted({tensor_clips[e["name"]] for e in members} - {None})
+            clip = "search" if not ks else ks[0] if len(ks) == 1 else f"{ks[0]:.3g}-{ks[-1]:.3g}"
+            row.update(clip=clip, gptq=len(errors.get(group, [])),
                        gptq_err=float(f"{gptq_err / signal:.4g}"), rtn_err=float(f"{rtn_err / signal:.4g}"))
         report.append(row)
     header = json.dumps(dict(tensors=entries, sections=report)).encode()
@@ -1583,9 +1641,13 @@ class GPT(nn.Module):
             x = self.blocks[i](x, x0)
             if pos < encoder:
                 skips.append(x)
-        logits = F.linear(self.head_input(rms_norm(x)), self.tok_emb.weight).float()
-        logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+        logits = self.head_logits(self.head_input(rms_norm(x)))
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Soft-capped fp32 logits of the tied head from its (normed) input."""
+        logits = F.linear(h, self.tok_emb.weight).float()
+        return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
 
 
 def build_model(args, bos_id: int) -> GPT:
@@ -1874,7 +1936,7 @@ def train_and_score(args: Hyperparameters, rank: int, world: int, device: torch.
         + (f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else ""))
 
     averaged, how = averager.averaged(base_model)
-    hessians = {}
+    hessians, sensitivities = {}, {}
     if args.gptq_calib_seqs:
         # Right after training, inside its budget: the training stream's next sequences, each rank its
         # share, through an uncompiled fp32 copy of the averaged weights (the ones to be quantized).
@@ -1884,10 +1946,14 @@ def train_and_score(args: Hyperparameters, rank: int, world: int, device: torch.
         calib_model = copy.deepcopy(base_model)
         calib_model.load_state_dict(averaged)
         hessians = collect_hessians(calib_model, x, y)
+        if args.quant_alloc:  # one micro-batch per rank: a sum over a million weights needs few tokens
+            generator = torch.Generator(device).manual_seed(args.seed + rank)
+            sensitivities = weight_sensitivities(calib_model, x[:CALIB_BATCH_SEQS], generator)
         del calib_model
         calib_s = sync_time(device) - t_calib
         log(f"gptq calibration: {share * world} training sequences ({share * world * args.train_seq_len:,} tokens), "
-            f"{len(hessians)} matrices, in {calib_s:.2f}s; training + calibration {train_ms / 1000 + calib_s:.1f}s"
+            f"{len(hessians)} matrices" + (f", sensitivities of {len(sensitivities)}" if sensitivities else "")
+            + f", in {calib_s:.2f}s; training + calibration {train_ms / 1000 + calib_s:.1f}s"
             + (f" of {budget_s:g}s" if budget_s > 0 else ""))
         if 0 < budget_s < train_ms / 1000 + calib_s:
             log("WARNING: calibration ended past MAX_WALLCLOCK_SECONDS: raise GPTQ_RESERVE_SECONDS")
@@ -1904,7 +1970,8 @@ def train_and_score(args: Hyperparameters, rank: int, world: int, device: torch.
     if rank == 0:
         t_pack = time.perf_counter()
         blob, report = pack_model(averaged, quant_bits, keep, args.fp16_max_numel, args.compressor, quant_clips, hessians,
-                                  block=args.gptq_block, damp=args.gptq_damp, act_order=bool(args.gptq_act_order))
+                                  sensitivities, args.quant_alloc, block=args.gptq_block, damp=args.gptq_damp,
+                                  act_order=bool(args.gptq_act_order))
         artifact.write_bytes(blob)
         if zstandard is None:
             log("compression: zstandard is not installed, lzma only")

@@ -66,6 +66,7 @@ BAD_VALUES = {
     "EVAL_BATCH_SEQS": "0",
     "QUANT_BITS": "mlp:9",
     "QUANT_CLIP": "mlp:-3",
+    "QUANT_ALLOC": "1.5",
     "GPTQ_CALIB_SEQS": "-1",
     "GPTQ_RESERVE_SECONDS": "-1",
     "GPTQ_DAMP": "0",
@@ -122,6 +123,7 @@ COMBINATIONS = {
     "rope_dims_odd": (dict(ROPE_DIMS=3), "ROPE_DIMS", "even"),
     "rope_dims_over_head_width": (dict(ROPE_DIMS=18), "ROPE_DIMS", "head width 16"),
     "gptq_reserve_over_the_cap": (dict(MAX_WALLCLOCK_SECONDS=5, GPTQ_RESERVE_SECONDS=5), "GPTQ_RESERVE_SECONDS", "below"),
+    "quant_alloc_without_calibration": (dict(QUANT_ALLOC=0.5, GPTQ_CALIB_SEQS=0), "QUANT_ALLOC", "GPTQ_CALIB_SEQS"),
     "weight_decay_flips_matrices": (dict(WEIGHT_DECAY=50), "WEIGHT_DECAY", "MATRIX_LR=0.02"),
     "weight_decay_flips_embedding": (dict(WEIGHT_DECAY=40, TIED_EMBED_LR=0.05), "WEIGHT_DECAY", "TIED_EMBED_LR=0.05"),
 }

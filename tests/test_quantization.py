@@ -482,6 +482,86 @@ def test_hessians_add_up_over_calls_whatever_the_batching():
     assert not any(m._forward_pre_hooks for m in model.modules())  # the hooks are gone
 
 
+# -- sensitivities and clips allocated by them ------------------------------------------------------
+
+
+def exact_fisher_means(model, x) -> dict[str, float]:
+    """E||g||^2 / numel per matrix, g the gradient of the mean loss over x's tokens with each target drawn
+    from the model, computed exactly: the targets are independent and each token's expected gradient is
+    zero, so it is sum over tokens t and labels y of p_t(y) ||grad -log p_t(y)||^2, over tokens^2."""
+    heads = []
+    hook = model.head_input.register_forward_hook(lambda m, i, out: heads.append(out))
+    model(x, torch.zeros_like(x))
+    hook.remove()
+    logp = model.head_logits(heads[0]).log_softmax(-1).flatten(0, 1)
+    matrices = {n: p for n, p in model.named_parameters() if p.ndim == 2}
+    total = dict.fromkeys(matrices, 0.0)
+    for t in range(logp.size(0)):
+        for y in range(logp.size(1)):
+            grads = torch.autograd.grad(-logp[t, y], list(matrices.values()), retain_graph=True, allow_unused=True)
+            for (n, p), g in zip(matrices.items(), grads):
+                if g is not None:
+                    total[n] += logp[t, y].exp().item() * g.double().square().sum().item()
+    return {n: total[n] / logp.size(0) ** 2 / p.numel() for n, p in matrices.items()}
+
+
+def test_sensitivities_average_to_the_exact_fisher_trace_of_each_matrix():
+    """A soft cap that binds (logits of +-8 capped at 2), so targets drawn from uncapped logits or taken as
+    the argmax would give other means."""
+    torch.manual_seed(11)
+    model = tg.GPT(16, 2, 16, 2, 1, 2.0, logit_softcap=2.0, bigram_vocab_size=0, max_seq_len=8, smear_gate=False).float()
+    perturb(model, scale=0.3, seed=12)
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(4)
+    x = torch.randint(0, 16, (2, 3), generator=torch.Generator().manual_seed(13))
+    exact = exact_fisher_means(model, x)
+    gen = torch.Generator().manual_seed(14)
+    draws = [tg.weight_sensitivities(model, x, gen) for _ in range(400)]
+    assert set(draws[0]) == {n for n, v in exact.items() if v > 0}
+    for name, value in exact.items():
+        if value > 0:
+            mean = sum(d[name] for d in draws) / len(draws)
+            assert mean == pytest.approx(value, rel=0.12), name
+    assert all(p.grad is None for p in model.parameters())  # leaves no gradient behind
+
+
+def clip_setup(sizes, sens, alloc, k=12.0):
+    state = {f"m{i}": torch.zeros(n, 4) for i, n in enumerate(sizes)} | {"s": torch.zeros(8, 4), "v": torch.zeros(4)}
+    groups = {n: "mlp" for n in state if n.startswith("m")} | {"s": "other", "v": "fp16"}
+    clips = dict.fromkeys(tg.QUANT_GROUPS) | {"mlp": k}
+    sensitivities = {f"m{i}": s for i, s in enumerate(sens)} | {"s": 5.0}
+    return state, tg.allocated_clips(state, groups, clips, sensitivities, alloc)
+
+
+def test_allocated_clips_halve_the_step_for_four_times_the_sensitivity_and_keep_the_group_bytes():
+    state, clips = clip_setup([3, 5, 2], [1.0, 4.0, 0.5], 0.5)
+    assert clips["m1"] / clips["m0"] == pytest.approx(0.5) and clips["m2"] / clips["m0"] == pytest.approx(2**0.5)
+    # bytes go as -log k: their size-weighted sum stays that of the group's k
+    assert sum(state[n].numel() * math.log(clips[n]) for n in ("m0", "m1", "m2")) == pytest.approx(10 * 4 * math.log(12.0))
+    assert clips["s"] is None and clips["v"] is None  # a search-clip group and fp16 are left alone
+
+
+def test_allocated_clips_stay_within_twice_the_group_clip_and_alloc_zero_is_the_group_clip():
+    _, clips = clip_setup([4, 4], [1.0, 1e6], 0.5)
+    assert clips == dict(m0=24.0, m1=6.0, s=None, v=None)
+    _, clips = clip_setup([4, 4], [1.0, 1e6], 0.0)
+    assert clips == dict(m0=12.0, m1=12.0, s=None, v=None)
+
+
+def test_allocated_clips_lower_the_expected_loss_at_the_same_bytes():
+    """Expected loss ~ sum of size x sensitivity x k^2; at alloc 0.5 it is the least for the bytes."""
+    gen = torch.Generator().manual_seed(15)
+    sizes = torch.randint(1, 9, (6,), generator=gen).tolist()
+    sens = torch.exp(0.25 * torch.randn(6, generator=gen)).mul(0.1).tolist()  # spread inside the 2x bounds
+    losses = {}
+    for alloc in (0.0, 0.25, 0.5, 0.75):
+        state, clips = clip_setup(sizes, sens, alloc)
+        names = [f"m{i}" for i in range(6)]
+        assert sum(state[n].numel() * math.log(clips[n]) for n in names) == pytest.approx(4 * sum(sizes) * math.log(12.0))
+        losses[alloc] = sum(state[n].numel() * s * clips[n] ** 2 for n, s in zip(names, sens))
+    assert losses[0.5] < losses[0.25] < losses[0.0] and losses[0.5] < losses[0.75]
+
+
 # -- a trained toy model ---------------------------------------------------------------------------
 
 
@@ -689,6 +769,22 @@ def test_script_with_gptq_and_sdclip_runs_end_to_end(tiny_corpus, tmp_path):
     assert "clip:search gptq:1 output error" in groups["bigram"]  # the projection; the table is a lookup
     assert "clip:20.0 gptq:1 output error" in groups["embed"]  # the tied head
     assert "gptq:0" in groups["other"]  # resid_mix and skip weights: no Hessian, rounded to nearest
+
+
+def test_script_with_quant_alloc_spreads_each_group_clip_over_its_matrices(tiny_corpus, tmp_path):
+    from test_training import FINAL_SCORE, run_script, tiny_config
+
+    out = tmp_path / "out"
+    proc = run_script(tmp_path, **tiny_config(tiny_corpus, out, FP16_MAX_NUMEL=0, GPTQ_CALIB_SEQS=8, QUANT_ALLOC=0.5,
+                                              QUANT_CLIP="mlp:6,attn:8,embed:20,bigram:search,other:search"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (out / "train.log").read_text()
+    assert FINAL_SCORE.match(log.splitlines()[-1])
+    assert re.search(r"^gptq calibration: 8 training sequences \(512 tokens\), 14 matrices, sensitivities of \d+, in ", log, re.M)
+    for group, k in (("mlp", 6), ("attn", 8)):
+        lo, hi = map(float, re.search(rf"^quant group:{group} .* clip:([\d.]+)-([\d.]+) gptq:", log, re.M).groups())
+        assert k / 2 <= lo < k < hi <= 2 * k
+    assert re.search(r"^quant group:embed .* clip:20.0 gptq:1", log, re.M)  # alone in its group
 
 
 def test_gptq_reserve_must_leave_training_time(tiny_corpus, tmp_path):
