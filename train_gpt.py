@@ -861,16 +861,18 @@ def sampled_targets(model: nn.Module, x: torch.Tensor, generator: torch.Generato
 
 
 def weight_sensitivities(model: nn.Module, x: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
-    """Each matrix's mean squared loss gradient per weight, for targets the model draws itself, summed over
-    ranks. With drawn targets a token's expected gradient is zero, so the batch gradient's squared norm
-    estimates the trace of the Fisher (= Gauss-Newton) matrix over the tokens: the loss a unit of squared
-    rounding error in that matrix costs, free of the mean gradient and of correlations between tokens."""
+    """Each matrix's mean over weights of g^2 var(row), g the loss gradient for targets the model draws
+    itself, summed over ranks. With drawn targets a token's expected gradient is zero, so g^2 estimates the
+    Fisher (= Gauss-Newton) diagonal over the tokens, free of the mean gradient and of correlations between
+    tokens: the loss a unit of squared rounding error costs. SDClip's step is k std(row) / qmax, so times
+    var(row) it is the loss per unit of k^2, which is what the clips trade against bytes."""
     y = sampled_targets(model, x, generator)
     model.zero_grad(set_to_none=True)
     with torch.enable_grad():
         model(x, y).mean().backward()
     matrices = [(name, p) for name, p in model.named_parameters() if p.ndim == 2 and p.numel() and p.grad is not None]
-    squares = torch.stack([p.grad.float().square().mean() for _, p in matrices])
+    squares = torch.stack([(p.grad.float().square() * p.float().var(dim=1, correction=0, keepdim=True)).mean()
+                           for _, p in matrices])
     model.zero_grad(set_to_none=True)
     if dist.is_initialized():
         dist.all_reduce(squares)
@@ -879,10 +881,11 @@ def weight_sensitivities(model: nn.Module, x: torch.Tensor, generator: torch.Gen
 
 def allocated_clips(state: dict[str, torch.Tensor], groups: dict[str, str], clips: dict[str, float | None],
                     sensitivities: dict[str, float], alloc: float) -> dict[str, float | None]:
-    """Each matrix's clip: its group's SDClip k times (s / S)^-alloc, s its sensitivity and S the group's
-    geometric mean of s weighted by size, kept within 2x of k (a narrower clip would cut int6 tails). A
-    matrix's loss grows as s k^2 while its bytes fall as log k, so alloc 0.5 puts a group's bytes where they
-    buy the most (4x the sensitivity, half the step: one bit more) and leaves the group's bytes as they were."""
+    """Each matrix's clip: its group's SDClip k times (s / S)^-alloc, s its sensitivity (weight_sensitivities)
+    and S the group's geometric mean of s weighted by size, kept within 2x of k (a narrower clip would cut
+    int6 tails). A matrix's loss grows as s k^2 while its bytes fall as log k, so alloc 0.5 puts a group's
+    bytes where they buy the most (4x the sensitivity, half the step: one bit more) and leaves the group's
+    bytes as they were."""
     out = {name: clips.get(group) for name, group in groups.items()}
     for group, k in clips.items():
         names = [n for n, g in groups.items() if g == group and n in sensitivities]

@@ -486,9 +486,10 @@ def test_hessians_add_up_over_calls_whatever_the_batching():
 
 
 def exact_fisher_means(model, x) -> dict[str, float]:
-    """E||g||^2 / numel per matrix, g the gradient of the mean loss over x's tokens with each target drawn
-    from the model, computed exactly: the targets are independent and each token's expected gradient is
-    zero, so it is sum over tokens t and labels y of p_t(y) ||grad -log p_t(y)||^2, over tokens^2."""
+    """Per matrix, the mean over weights of E[g^2] var(row), g the gradient of the mean loss over x's tokens
+    with each target drawn from the model, computed exactly: the targets are independent and each token's
+    expected gradient is zero, so E[g^2] is the sum over tokens t and labels y of p_t(y) (d -log p_t(y))^2,
+    over tokens^2."""
     heads = []
     hook = model.head_input.register_forward_hook(lambda m, i, out: heads.append(out))
     model(x, torch.zeros_like(x))
@@ -496,16 +497,17 @@ def exact_fisher_means(model, x) -> dict[str, float]:
     logp = model.head_logits(heads[0]).log_softmax(-1).flatten(0, 1)
     matrices = {n: p for n, p in model.named_parameters() if p.ndim == 2}
     total = dict.fromkeys(matrices, 0.0)
+    row_var = {n: p.detach().double().var(dim=1, correction=0, keepdim=True) for n, p in matrices.items()}
     for t in range(logp.size(0)):
         for y in range(logp.size(1)):
             grads = torch.autograd.grad(-logp[t, y], list(matrices.values()), retain_graph=True, allow_unused=True)
             for (n, p), g in zip(matrices.items(), grads):
                 if g is not None:
-                    total[n] += logp[t, y].exp().item() * g.double().square().sum().item()
+                    total[n] += logp[t, y].exp().item() * (g.double().square() * row_var[n]).sum().item()
     return {n: total[n] / logp.size(0) ** 2 / p.numel() for n, p in matrices.items()}
 
 
-def test_sensitivities_average_to_the_exact_fisher_trace_of_each_matrix():
+def test_sensitivities_average_to_the_exact_fisher_diagonal_times_row_variance_of_each_matrix():
     """A soft cap that binds (logits of +-8 capped at 2), so targets drawn from uncapped logits or taken as
     the argmax would give other means."""
     torch.manual_seed(11)
