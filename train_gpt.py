@@ -238,10 +238,10 @@ class Hyperparameters:
         # Compression and the submission.
         self.quant_bits = env("QUANT_BITS", "mlp:6,attn:6,embed:7,bigram:6,other:8",
                               Range("GROUP:BITS for each of mlp, attn, embed, bigram, other", parse_quant_bits))
-        self.quant_clip = env("QUANT_CLIP", "mlp:14,attn:13.5,embed:16,bigram:search,other:search",
+        self.quant_clip = env("QUANT_CLIP", "mlp:13,attn:12.5,embed:16,bigram:search,other:search",
                               Range("GROUP:CLIP for each group, CLIP 'search' or standard deviations > 0", parse_quant_clip))
         # Per-matrix clips: k x (sensitivity / group's geometric mean)^-QUANT_ALLOC; 0: the group's k everywhere
-        self.quant_alloc = env("QUANT_ALLOC", 0.0, between(0, 1))
+        self.quant_alloc = env("QUANT_ALLOC", 0.5, between(0, 1))
         self.gptq_calib_seqs = env("GPTQ_CALIB_SEQS", 64, at_least(0))  # 0: round-to-nearest, no calibration
         self.gptq_reserve_seconds = env("GPTQ_RESERVE_SECONDS", 5.0, at_least(0))
         self.gptq_damp = env("GPTQ_DAMP", 0.01, above(0))
