@@ -34,7 +34,7 @@ def test_proxy_summary_reads_the_scores_steps_and_bytes_of_a_log():
 def test_ttt_variants_override_only_the_named_settings_with_their_types():
     class Args:
         ttt_lr, ttt_chunk_tokens, ttt_epochs, ttt_batch_seqs = 0.002, 32768, 3, 32
-        ttt_momentum, ttt_freeze_blocks, ttt_grad_clip = 0.9, 0, 1.0
+        ttt_momentum, ttt_freeze_blocks, ttt_grad_clip, ttt_optimizer = 0.9, 0, 1.0, "sgd"
     variants = bench.ttt_variants("lr=0.01; chunk=8192,epochs=2;", Args())
     assert variants == [{"ttt_lr": 0.01}, {"ttt_chunk_tokens": 8192, "ttt_epochs": 2}]
     assert type(variants[1]["ttt_chunk_tokens"]) is int

@@ -344,7 +344,7 @@ def run_proxy(a) -> None:
 
 
 TTT_KEYS = dict(lr="ttt_lr", chunk="ttt_chunk_tokens", epochs="ttt_epochs", batch="ttt_batch_seqs",
-                momentum="ttt_momentum", freeze="ttt_freeze_blocks", clip="ttt_grad_clip")
+                momentum="ttt_momentum", freeze="ttt_freeze_blocks", clip="ttt_grad_clip", opt="ttt_optimizer")
 
 
 def ttt_variants(spec: str, args) -> list[dict]:
