@@ -227,11 +227,10 @@ class Hyperparameters:
         self.eval_batch_seqs = env("EVAL_BATCH_SEQS", 32, at_least(1))
 
         # Score-first test-time training on the validation text (0 epochs: off).
-        self.ttt_epochs = env("TTT_EPOCHS", 0, at_least(0))  # score-first TTT: SGD passes per scored chunk; 0: off
+        self.ttt_epochs = env("TTT_EPOCHS", 3, at_least(0))  # score-first TTT: SGD passes per scored chunk; 0: off
         self.ttt_chunk_tokens = env("TTT_CHUNK_TOKENS", 32768, at_least(1))
-        self.ttt_lr = env("TTT_LR", 0.002, at_least(0))  # cosine decay across chunks
-        self.ttt_momentum = env("TTT_MOMENTUM", 0.9, DECAY)  # SGD momentum, or Adam's beta1 (beta2 0.99)
-        self.ttt_optimizer = env("TTT_OPTIMIZER", "sgd", one_of("sgd", "adam"))
+        self.ttt_lr = env("TTT_LR", 0.02, at_least(0))  # cosine decay across chunks
+        self.ttt_momentum = env("TTT_MOMENTUM", 0.9, DECAY)
         self.ttt_grad_clip = env("TTT_GRAD_CLIP", 1.0, at_least(0))  # 0: no clipping
         self.ttt_batch_seqs = env("TTT_BATCH_SEQS", 32, at_least(1))  # over all ranks
         self.ttt_freeze_blocks = env("TTT_FREEZE_BLOCKS", 0, at_least(0))
@@ -654,19 +653,13 @@ def train_on_chunk(model, params: list[nn.Parameter], opt: torch.optim.Optimizer
             opt.step()
 
 
-def ttt_optimizer(params: list[nn.Parameter], args) -> torch.optim.Optimizer:
-    if args.ttt_optimizer == "adam":
-        return torch.optim.Adam(params, lr=args.ttt_lr, betas=(args.ttt_momentum, 0.99))
-    return torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
-
-
 def evaluate_ttt(model, params: list[nn.Parameter], tokens: torch.Tensor, seq_len: int, stride: int, luts, args,
                  rank: int = 0, world: int = 1) -> tuple[float, float, float, float]:
     """(val_loss, val_bpb, scoring seconds, adaptation seconds) with score-first TTT of `params`, which
     belong to `model` and change in place. Each chunk's windows are split over ranks as in evaluate()."""
     chunks = chunk_windows(tokens.numel(), seq_len, stride, args.ttt_chunk_tokens)
     length = min(seq_len, tokens.numel() - 1)
-    opt = ttt_optimizer(params, args)
+    opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
     for p in params:
         p.grad = torch.zeros_like(p)  # kept: a rank without a sequence in some step still all-reduces zeros
     sums = torch.zeros(3, dtype=torch.float64, device=tokens.device)

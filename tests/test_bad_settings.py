@@ -91,7 +91,6 @@ BAD_VALUES = {
     "TTT_CHUNK_TOKENS": "0",
     "TTT_LR": "-0.1",
     "TTT_MOMENTUM": "1",
-    "TTT_OPTIMIZER": "lion",
     "TTT_GRAD_CLIP": "-1",
     "TTT_BATCH_SEQS": "0",
     "TTT_FREEZE_BLOCKS": "-1",

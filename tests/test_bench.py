@@ -27,14 +27,14 @@ def test_proxy_summary_reads_the_scores_steps_and_bytes_of_a_log():
         "evaluation took 30.5s",
         "final_score val_loss:2.25 val_bpb:1.33520000 eval:sliding seq_len:2048 stride:64 bytes_total:14801480",
     ])
-    assert bench.proxy_summary(log) == dict(final="1.33520000", pre="1.3408", cost="+0.0069", steps="2682", ms="67.11",
+    assert bench.proxy_summary(log) == dict(final="1.33520000", mode="sliding", pre="1.3408", cost="+0.0069", steps="2682", ms="67.11",
                                             bytes="14,801,480", gpu="NVIDIA H100 80GB HBM3", eval_s="30.5")
 
 
 def test_ttt_variants_override_only_the_named_settings_with_their_types():
     class Args:
         ttt_lr, ttt_chunk_tokens, ttt_epochs, ttt_batch_seqs = 0.002, 32768, 3, 32
-        ttt_momentum, ttt_freeze_blocks, ttt_grad_clip, ttt_optimizer = 0.9, 0, 1.0, "sgd"
+        ttt_momentum, ttt_freeze_blocks, ttt_grad_clip = 0.9, 0, 1.0
     variants = bench.ttt_variants("lr=0.01; chunk=8192,epochs=2;", Args())
     assert variants == [{"ttt_lr": 0.01}, {"ttt_chunk_tokens": 8192, "ttt_epochs": 2}]
     assert type(variants[1]["ttt_chunk_tokens"]) is int

@@ -34,7 +34,7 @@ def tiny_config(corpus: dict, out_dir: Path, **overrides) -> dict:
     cfg = dict(DATA_PATH=corpus["data_path"], TOKENIZER_PATH=corpus["tokenizer"], VOCAB_SIZE=corpus["vocab_size"],
                NUM_LAYERS=2, MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, TRAIN_SEQ_LEN=64, TRAIN_BATCH_TOKENS=512,
                ITERATIONS=3, WARMUP_STEPS=1, MAX_WALLCLOCK_SECONDS=0, VAL_LOSS_EVERY=0, COMPILE=0,
-               BIGRAM_VOCAB_SIZE=64, BIGRAM_DIM=16, OUT_DIR=out_dir, EVAL_STRIDE=32, LOOP_REPEATS=0)
+               BIGRAM_VOCAB_SIZE=64, BIGRAM_DIM=16, OUT_DIR=out_dir, EVAL_STRIDE=32, LOOP_REPEATS=0, TTT_EPOCHS=0)
     cfg.update(overrides)
     return cfg
 
@@ -141,7 +141,7 @@ def test_run_sh_smoke_run_writes_a_consistent_submission(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     lines = proc.stdout.strip().splitlines()
-    match = FINAL_SCORE.match(lines[-1])
+    match = re.match(FINAL_SCORE.pattern.replace("eval:sliding", r"eval:sliding\+ttt"), lines[-1])  # TTT on by default
     assert match, lines[-1]
     val_loss, val_bpb = float(match.group(1)), float(match.group(2))
     assert 0 < val_bpb < 10 and 0 < val_loss < 10

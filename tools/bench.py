@@ -15,9 +15,10 @@
 for the configured VOCAB_SIZE (cached under /tmp/proxy_spVOCAB), runs train_gpt.py on one GPU with one
 rank's share of a competition step (TRAIN_BATCH_TOKENS=98304, GRAD_ACCUM_STEPS=1), the wallclock cap
 T and every step-counted schedule (WARMDOWN_ITERS, MUON_MOMENTUM_WARMUP_STEPS, SWA_EVERY, and the EMA's
-horizon 1/(1-EMA_DECAY)) scaled by T/600, and prints one line: final proxy val_bpb (round trip, sliding), pre-quantization bpb,
-quantization cost, steps, ms/step, artifact bytes. It appends that line, with the settings taken from
-the environment and the commit, to benchmarks/proxy_results.md. Any other setting passes through from
+horizon 1/(1-EMA_DECAY)) scaled by T/600, and prints one line: final proxy val_bpb (round trip, with
+its evaluation mode: sliding+ttt by default), pre-quantization bpb, quantization cost, steps, ms/step,
+artifact bytes. It appends that line, with the settings taken from the environment and the commit, to
+benchmarks/proxy_results.md. Any other setting passes through from
 the environment. A proxy number is never a FineWeb number.
 
 `train` runs the real script (torchrun) for a fixed number of steps at whatever configuration the
@@ -287,7 +288,7 @@ STEP_SCHEDULES = ("WARMDOWN_ITERS", "MUON_MOMENTUM_WARMUP_STEPS", "SWA_EVERY")
 PROXY_SET = ("DATA_PATH", "TOKENIZER_PATH", "TRAIN_BATCH_TOKENS", "GRAD_ACCUM_STEPS", "MAX_WALLCLOCK_SECONDS",
              "VAL_LOSS_EVERY", "OUT_DIR", "ALLOW_OVER_CAP") + STEP_SCHEDULES  # set by the protocol, not logged as changed
 PROXY_PATTERNS = dict(
-    final=r"^final_score val_loss:\S+ val_bpb:(\S+)", pre=r"^pre-quantization .* val_bpb:(\S+)",
+    final=r"^final_score val_loss:\S+ val_bpb:(\S+)", mode=r"^final_score .* eval:(\S+)", pre=r"^pre-quantization .* val_bpb:(\S+)",
     cost=r"^round trip: .*quantization cost (\S+) bpb", steps=r"^training: (\d+) steps",
     ms=r"^training: .*\(([\d.]+)ms/step\)", bytes=r"^artifact: ([\d,]+) bytes", gpu=r"^run .*device=\S+ \((.*)\)$",
     eval_s=r"^evaluation took ([\d.]+)s")
@@ -332,7 +333,7 @@ def run_proxy(a) -> None:
     subprocess.run(cmd, env=proxy_env(args, a.t, data, tokenizer, out), check=True)
     r = proxy_summary((out / "train.log").read_text())
     over = " OVER THE CAP" if r["bytes"] != "?" and int(r["bytes"].replace(",", "")) > 16_000_000 else ""
-    line = (f"proxy val_bpb (T={a.t:g}, 1x{r['gpu']}): final {r['final']} (round trip, sliding)  pre-quant {r['pre']}  "
+    line = (f"proxy val_bpb (T={a.t:g}, 1x{r['gpu']}): final {r['final']} (round trip, {r['mode']})  pre-quant {r['pre']}  "
             f"quant cost {r['cost']}  steps {r['steps']}  ms/step {r['ms']}  artifact {r['bytes']} bytes{over}  eval {r['eval_s']}s")
     print(line)
     commit = os.environ.get("PROXY_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
@@ -344,7 +345,7 @@ def run_proxy(a) -> None:
 
 
 TTT_KEYS = dict(lr="ttt_lr", chunk="ttt_chunk_tokens", epochs="ttt_epochs", batch="ttt_batch_seqs",
-                momentum="ttt_momentum", freeze="ttt_freeze_blocks", clip="ttt_grad_clip", opt="ttt_optimizer")
+                momentum="ttt_momentum", freeze="ttt_freeze_blocks", clip="ttt_grad_clip")
 
 
 def ttt_variants(spec: str, args) -> list[dict]:
