@@ -2,8 +2,8 @@
 # The main job. With CUDA and the challenge's shards under DATA_PATH: the competition run on every GPU
 # of this machine. Otherwise: a small end-to-end smoke run (on the CPU, or one GPU if there is one),
 # on prose and a tokenizer that tools/make_data.py generates; its score is not a FineWeb score. Its
-# training stops at 200 steps or 90 s, whichever comes first: about two minutes in all (2 min 3-5 s on
-# 2 shared CPU cores). One intra-op thread: on 2 busy cores, 2 threads took 7-12x longer a step (README).
+# training stops at 200 steps or 90 s, whichever comes first: about two and a half minutes in all with the
+# evaluation and its test-time training (2 min 35 s on 2 shared CPU cores). One intra-op thread: on 2 busy cores, 2 threads took 7-12x longer a step (README).
 set -euo pipefail
 cd "$(dirname "$0")"
 DATA_PATH=${DATA_PATH:-./data/datasets/fineweb10B_sp8192}
