@@ -226,7 +226,7 @@ def run_profile(a) -> None:
 def run_pack(a) -> None:
     """Time quantization and packing of the configured model (weights perturbed off their init), with
     GPTQ on Hessians of GPTQ_CALIB_SEQS random-token sequences when that is > 0 (on the GPU if there is
-    one, as in the script), and print the payload estimate the script logs before training and the
+    one, as in the script) and the clips spread by QUANT_ALLOC, and print the payload estimate the script logs before training and the
     per-group report. Random weights and tokens: the bytes and errors are not those of a trained model."""
     import torch
     import train_gpt as tg
@@ -240,14 +240,18 @@ def run_pack(a) -> None:
     model.to(device)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     bits, clips = tg.parse_quant_bits(args.quant_bits), tg.parse_quant_clip(args.quant_clip)
-    payload = tg.payload_bytes(state, bits, [], args.fp16_max_numel)
-    hessians, t0 = {}, time.perf_counter()
+    payload = tg.payload_bytes(state, bits, [], args.fp16_max_numel, clips)
+    hessians, sensitivities, t0 = {}, {}, time.perf_counter()
     if args.gptq_calib_seqs:
         x = torch.randint(4, args.vocab_size, (args.gptq_calib_seqs, args.train_seq_len + 1), device=device)
         hessians = tg.collect_hessians(model, x[:, :-1], x[:, 1:])
+        if args.quant_alloc:
+            generator = torch.Generator(device).manual_seed(0)
+            sensitivities = tg.weight_sensitivities(model, x[: tg.CALIB_BATCH_SEQS, :-1], generator)
     t1 = time.perf_counter()
-    blob, report = tg.pack_model(state, bits, [], args.fp16_max_numel, args.compressor, clips, hessians,
-                                 block=args.gptq_block, damp=args.gptq_damp, act_order=bool(args.gptq_act_order))
+    blob, report = tg.pack_model(state, bits, [], args.fp16_max_numel, args.compressor, clips, hessians, sensitivities,
+                                 args.quant_alloc, block=args.gptq_block, damp=args.gptq_damp,
+                                 act_order=bool(args.gptq_act_order))
     print(f"config: {args.num_layers}L {args.model_dim}d MLP{args.mlp_mult:g}, {args.quant_bits}, {args.quant_clip}, "
           f"{args.compressor}, GPTQ_CALIB_SEQS={args.gptq_calib_seqs} on {device}; payload {payload:,} bytes; "
           f"Hessians {t1 - t0:.1f}s; packed {len(blob):,} bytes in {time.perf_counter() - t1:.1f}s")
