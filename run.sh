@@ -3,7 +3,9 @@
 # of this machine. Otherwise: a small end-to-end smoke run (on the CPU, or one GPU if there is one),
 # on prose and a tokenizer that tools/make_data.py generates; its score is not a FineWeb score. Its
 # training stops at 200 steps or 90 s, whichever comes first: about two and a half minutes in all with the
-# evaluation and its test-time training (2 min 35 s on 2 shared CPU cores). One intra-op thread: on 2 busy cores, 2 threads took 7-12x longer a step (README).
+# evaluation and its test-time training (README). One intra-op thread: on 2 busy cores, 2 threads took
+# 7-12x longer a step. A CPU step takes ~2.5 s, so the run's last step overshoots its cap by up to one step
+# and the calibration takes ~3.5 s: hence a 10 s GPTQ reserve; an EMA of 0.9 suits a ~30-step run.
 set -euo pipefail
 cd "$(dirname "$0")"
 DATA_PATH=${DATA_PATH:-./data/datasets/fineweb10B_sp8192}
@@ -18,4 +20,4 @@ exec env DATA_PATH=smoke/data TOKENIZER_PATH=smoke/data/gen_512_bpe.model VOCAB_
   NUM_LAYERS=4 MODEL_DIM=128 NUM_HEADS=4 NUM_KV_HEADS=2 BIGRAM_VOCAB_SIZE=512 BIGRAM_DIM=32 LOOP_FIRST=1 LOOP_LAST=2 LOOP_REPEATS=1 \
   TRAIN_SEQ_LEN=256 TRAIN_BATCH_TOKENS=8192 ITERATIONS="${ITERATIONS:-200}" WARMUP_STEPS=0 LR_WARMUP_STEPS=10 \
   WARMDOWN_ITERS=80 MAX_WALLCLOCK_SECONDS="${MAX_WALLCLOCK_SECONDS:-90}" VAL_LOSS_EVERY=100 TRAIN_LOG_EVERY=25 SWA_EVERY=10 \
-  FP16_MAX_NUMEL=4096 COMPILE=0 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" python3 train_gpt.py
+  FP16_MAX_NUMEL=4096 EMA_DECAY=0.9 GPTQ_RESERVE_SECONDS=10 COMPILE=0 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" python3 train_gpt.py

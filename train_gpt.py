@@ -7,8 +7,8 @@ Every knob is an environment variable (see Hyperparameters). The run trains, ave
 (EMA/SWA), collects GPTQ Hessians and weight sensitivities from training tokens inside the time budget,
 quantizes the weights to per-group integer widths (int6/int7 by default) with GPTQ at std-based clips
 spread over the matrices by sensitivity, packs them with zstd or lzma, rebuilds a fresh model from that
-file alone and scores it with the exact stride-64 sliding-window evaluator (optionally with score-first
-TTT). The last line of the log is the score of the round-tripped model.
+file alone and scores it with the exact stride-64 sliding-window evaluator and score-first test-time
+training (TTT_EPOCHS=0: without). The last line of the log is the score of the round-tripped model.
 """
 from __future__ import annotations
 
@@ -849,27 +849,22 @@ def collect_hessians(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return {name: sums[module] for module, names in targets.items() if module in sums for name in names}
 
 
-@torch.no_grad()
-def sampled_targets(model: nn.Module, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Next tokens drawn from the model's own predictions for x (not the text's)."""
+def weight_sensitivities(model: nn.Module, x: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
+    """Each matrix's mean over weights of g^2 var(row), g the loss gradient for next tokens the model draws
+    from its own predictions (not the text's), summed over ranks. With drawn targets a token's expected
+    gradient is zero, so g^2 estimates the Fisher (= Gauss-Newton) diagonal over the tokens, free of the
+    mean gradient and of correlations between tokens: the loss a unit of squared rounding error costs.
+    SDClip's step is k std(row) / qmax, so times var(row) it is the loss per unit of k^2, which is what the
+    clips trade against bytes."""
     heads = []
     hook = model.head_input.register_forward_hook(lambda module, inputs, out: heads.append(out))
-    model(x, torch.zeros_like(x))
-    hook.remove()
-    probs = model.head_logits(heads[0]).flatten(0, 1).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).view_as(x)
-
-
-def weight_sensitivities(model: nn.Module, x: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
-    """Each matrix's mean over weights of g^2 var(row), g the loss gradient for targets the model draws
-    itself, summed over ranks. With drawn targets a token's expected gradient is zero, so g^2 estimates the
-    Fisher (= Gauss-Newton) diagonal over the tokens, free of the mean gradient and of correlations between
-    tokens: the loss a unit of squared rounding error costs. SDClip's step is k std(row) / qmax, so times
-    var(row) it is the loss per unit of k^2, which is what the clips trade against bytes."""
-    y = sampled_targets(model, x, generator)
     model.zero_grad(set_to_none=True)
     with torch.enable_grad():
-        model(x, y).mean().backward()
+        model(x, torch.zeros_like(x))  # for the head's input only: the loss is taken on drawn targets below
+        logits = model.head_logits(heads[0]).flatten(0, 1)
+        drawn = torch.multinomial(logits.detach().softmax(-1), 1, generator=generator).squeeze(1)
+        F.cross_entropy(logits, drawn).backward()
+    hook.remove()
     matrices = [(name, p) for name, p in model.named_parameters() if p.ndim == 2 and p.numel() and p.grad is not None]
     squares = torch.stack([(p.grad.float().square() * p.float().var(dim=1, correction=0, keepdim=True)).mean()
                            for _, p in matrices])
