@@ -183,7 +183,7 @@ class Hyperparameters:
         self.skip_gates = env("SKIP_GATES", 1, one_of(0, 1))  # 1: U-Net skips enter through learned sigmoid gates
         self.loop_first = env("LOOP_FIRST", 3, at_least(0))  # depth recurrence: blocks LOOP_FIRST..LOOP_LAST run
         self.loop_last = env("LOOP_LAST", 5, at_least(0))
-        self.loop_repeats = env("LOOP_REPEATS", 2, at_least(0))  # ... this many extra times; 0: off
+        self.loop_repeats = env("LOOP_REPEATS", 0, at_least(0))  # ... this many extra times; 0: off (the proxy scored off better)
         self.loop_start_frac = env("LOOP_START_FRAC", 0.35, between(0, 1))  # ... from this fraction of training on
 
         # Training length and batch.

@@ -153,7 +153,7 @@ DEFAULTS = [
     ("vocab_size", 8192),
     ("xsa_last_n", 11),
     ("rope_dims", 16),
-    ("loop_repeats", 2),
+    ("loop_repeats", 0),
     ("gptq_calib_seqs", 64),
 ]
 
