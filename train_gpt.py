@@ -234,6 +234,11 @@ class Hyperparameters:
         self.ttt_grad_clip = env("TTT_GRAD_CLIP", 1.0, at_least(0))  # 0: no clipping
         self.ttt_batch_seqs = env("TTT_BATCH_SEQS", 32, at_least(1))  # over all ranks
         self.ttt_freeze_blocks = env("TTT_FREEZE_BLOCKS", 0, at_least(0))
+        # > 0: instead of the chunked SGD above, each document scored alone with low-rank adapters of this rank,
+        # its own, trained by TTT_EPOCHS Adam steps on each chunk of TTT_LORA_CHUNK targets once it is scored.
+        self.ttt_lora_rank = env("TTT_LORA_RANK", 0, at_least(0))
+        self.ttt_lora_lr = env("TTT_LORA_LR", 0.001, at_least(0))
+        self.ttt_lora_chunk = env("TTT_LORA_CHUNK", 32, at_least(1))
 
         # Compression and the submission.
         self.quant_bits = env("QUANT_BITS", "mlp:6,attn:6,embed:7,bigram:6,other:8",
@@ -301,6 +306,9 @@ class Hyperparameters:
         if self.eval_stride > window:
             raise SetupError(f"EVAL_STRIDE={self.eval_stride} is longer than the evaluation window ({window}), so windows "
                              f"would skip tokens: use 1..{window}, or 0 for plain windows")
+        if self.ttt_lora_rank and self.ttt_lora_chunk > window:
+            raise SetupError(f"TTT_LORA_CHUNK={self.ttt_lora_chunk} is longer than the evaluation window ({window}), so a "
+                             f"chunk's first targets would have no window: use 1..{window}")
         for lr_name, lr in (("MATRIX_LR", self.matrix_lr), ("TIED_EMBED_LR", self.tied_embed_lr)):
             if lr * self.weight_decay >= 1:  # each step multiplies the weights by 1 - lr * WEIGHT_DECAY
                 raise SetupError(f"WEIGHT_DECAY={self.weight_decay} with {lr_name}={lr} would zero or flip the weights "
@@ -674,6 +682,107 @@ def evaluate_ttt(model, params: list[nn.Parameter], tokens: torch.Tensor, seq_le
             opt.param_groups[0]["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (len(chunks) - 1)))
             train_on_chunk(model, params, opt, tokens, c, seq_len, args, rank, world)
             adapt_s += sync_time(tokens.device) - t1
+    return *loss_and_bpb(sums), score_s, adapt_s
+
+
+# Per-document LoRA TTT (TTT_LORA_RANK > 0). Each document is scored on its own tokens alone, in chunks of
+# TTT_LORA_CHUNK targets; after a chunk is scored, the document's own adapters train on it. Adapters start
+# afresh with every document and the base model never changes, so a score depends only on the tokens
+# before it in its own document.
+
+
+def doc_spans(tokens: np.ndarray, bos: int) -> list[tuple[int, int]]:
+    """(first, last) index of each document: from its BOS to the next document's BOS, which it predicts as
+    its last target (a text that does not open with BOS opens a document at 0). Their targets, first + 1
+    .. last, cover tokens[1:] exactly once."""
+    starts = np.flatnonzero(tokens == bos)
+    if not len(starts) or starts[0]:
+        starts = np.concatenate([[0], starts])
+    ends = np.append(starts[1:], len(tokens) - 1)
+    return [(int(a), int(b)) for a, b in zip(starts, ends) if b > a]
+
+
+class DocAdapters:
+    """Low-rank adapters, one set per document of a batch: for each virtual layer a delta on q, k and v and
+    one on the attention's output (both from the attention's input) and one on the MLP's output (from its
+    input), and one on the logits (from the head's input). Document d's delta is x @ A[d] @ B[d]: B starts
+    at zero, so untrained adapters change nothing, and A at one random draw that every document shares."""
+
+    def __init__(self, model, docs: int, rank: int, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        dim, device = model.tok_emb.embedding_dim, model.tok_emb.weight.device
+        attn = model.blocks[0].attn
+        outs = dict(qkv=attn.q.out_features + attn.k.out_features + attn.v.out_features, attn=dim, mlp=dim)
+        keys = [(pos, site) for pos in range(len(model.orders[model.looping])) for site in outs]
+        sizes = [outs[site] for _, site in keys] + [model.tok_emb.num_embeddings]
+        self.pairs = {}
+        for key, out in zip(keys + [(None, "head")], sizes):
+            a = (torch.randn(dim, rank, generator=gen) / math.sqrt(dim)).to(device)
+            self.pairs[key] = (a.expand(docs, -1, -1).clone().requires_grad_(),
+                               torch.zeros(docs, rank, out, device=device, requires_grad=True))
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for pair in self.pairs.values() for t in pair]
+
+    def at(self, pos: int | None):
+        """The delta function of virtual layer `pos` (None: the head): (site, x of n documents) -> delta."""
+        def delta(site: str, x: torch.Tensor) -> torch.Tensor:
+            a, b = self.pairs[pos, site]
+            return torch.bmm(torch.bmm(x, a[: x.size(0)]), b[: x.size(0)])
+        return delta
+
+
+def lora_sums(model, tokens: torch.Tensor, spans: list[tuple[int, int]], seq_len: int, luts,
+              args) -> tuple[torch.Tensor, float, float]:
+    """Float64 (nats, targets, bytes) of the documents `spans`, longest first, scored by per-document LoRA
+    TTT in batches of about EVAL_BATCH_SEQS x seq_len tokens, and the seconds of scoring and adaptation.
+    Step k of a batch scores targets kC+1..(k+1)C of each document still running (C = TTT_LORA_CHUNK), on
+    inputs from (k+1)C - seq_len on (at most seq_len of them), then trains the adapters on them."""
+    device, chunk = tokens.device, args.ttt_lora_chunk
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    score_s = adapt_s = 0.0
+    i = 0
+    while i < len(spans):
+        batch = spans[i : i + max(1, args.eval_batch_seqs * seq_len // min(spans[i][1] - spans[i][0], seq_len))]
+        i += len(batch)
+        lengths = [b - a for a, b in batch]  # targets per document, longest first
+        n_targets = torch.tensor(lengths, device=device)
+        docs = torch.zeros(len(batch), lengths[0] + 1, dtype=torch.long, device=device)
+        for d, (a, b) in enumerate(batch):
+            docs[d, : b - a + 1] = tokens[a : b + 1]
+        adapters = DocAdapters(model, len(batch), args.ttt_lora_rank, args.seed)
+        opt = torch.optim.Adam(adapters.parameters(), lr=args.ttt_lora_lr, betas=(0.0, 0.999))
+        for k in range(math.ceil(lengths[0] / chunk)):
+            t0 = sync_time(device)
+            live = sum(n > k * chunk for n in lengths)  # the documents not yet done: a prefix
+            hi = min((k + 1) * chunk, lengths[0])
+            lo = max(0, (k + 1) * chunk - seq_len)  # the same for every document, whatever its length
+            x, y = docs[:live, lo:hi], docs[:live, lo + 1 : hi + 1]
+            target = torch.arange(lo + 1, hi + 1, device=device)
+            scored = (target > k * chunk) & (target <= n_targets[:live, None])
+            with autocast(device):
+                losses = model(x, y, adapters)
+            sums += torch.stack([losses.detach().double()[scored].sum(), scored.sum(), target_bytes(x, y, luts)[scored].sum()])
+            t1 = sync_time(device)
+            score_s += t1 - t0
+            for epoch in range(args.ttt_epochs if hi < lengths[0] else 0):  # scored first, trained after
+                if epoch:
+                    with autocast(device):
+                        losses = model(x, y, adapters)
+                opt.zero_grad()
+                losses[scored].sum().backward()
+                opt.step()
+            adapt_s += sync_time(device) - t1
+    return sums, score_s, adapt_s
+
+
+def evaluate_lora(model, tokens: torch.Tensor, seq_len: int, luts, args, rank: int = 0,
+                  world: int = 1) -> tuple[float, float, float, float]:
+    """(val_loss, val_bpb, scoring seconds, adaptation seconds) with per-document LoRA TTT on the eager
+    `model`, whose weights stop taking gradients. Documents are sorted by length and dealt out to ranks."""
+    model.requires_grad_(False)
+    spans = sorted(doc_spans(tokens.cpu().numpy(), model.bos_id), key=lambda s: s[0] - s[1])[rank::world]
+    sums, score_s, adapt_s = lora_sums(model, tokens, spans, seq_len, luts, args)
     return *loss_and_bpb(sums), score_s, adapt_s
 
 
@@ -1375,13 +1484,16 @@ class Attention(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
         b, t, d = x.shape
         # One matmul for q, k and v reads x once; the three stay separate matrices for Muon and packing.
         qkv = F.linear(x, torch.cat((self.q.weight, self.k.weight, self.v.weight)))
+        if lora is not None:
+            qkv = qkv + lora("qkv", x)
         q, k, v = qk_norm_rotary(qkv, self.q_gain, self.cos, self.sin, self.heads)
         y = causal_attention(q, k, v)
-        return self.proj((exclusive(y, v) if self.xsa else y).reshape(b, t, d))
+        out = self.proj((exclusive(y, v) if self.xsa else y).reshape(b, t, d))
+        return out if lora is None else out + lora("attn", x)
 
 
 # The MLP's activation, act(h)^2 with act = leaky_relu(., NEG_SLOPE) (relu at 0), inside the matmuls
@@ -1526,12 +1638,14 @@ class Block(nn.Module):
         # Learned mix of the running residual with the first layer's input (starts as pure residual).
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(dim), torch.zeros(dim)]))
 
-    def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, lora=None) -> torch.Tensor:
+        """lora: a DocAdapters delta function, or None."""
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        a = self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale)
-        h = x if self.parallel else x + a
-        return x + a + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(h) * self.norm_scale)
+        a = self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, lora)
+        h = rms_norm(x if self.parallel else x + a) * self.norm_scale
+        m = self.mlp(h) if lora is None else self.mlp(h) + lora("mlp", h)
+        return x + a + self.mlp_scale.to(x.dtype) * m
 
 
 class SmearGate(nn.Module):
@@ -1621,8 +1735,9 @@ class GPT(nn.Module):
             return x + skip
         return torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
 
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per-token cross-entropy in nats, shape of targets."""
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor, lora: DocAdapters | None = None) -> torch.Tensor:
+        """Per-token cross-entropy in nats, shape of targets; with `lora`, each sequence is a document with
+        its own adapters."""
         starts = ids == self.bos_id
         starts[:, 0] = True
         x = self.tok_emb(ids).to(stream_dtype(ids.device))
@@ -1636,15 +1751,18 @@ class GPT(nn.Module):
         for pos, i in enumerate(order):
             if pos >= encoder and skips:
                 x = self.skip_in(pos - encoder, x, skips.pop())
-            x = self.blocks[i](x, x0)
+            x = self.blocks[i](x, x0, None if lora is None else lora.at(pos))
             if pos < encoder:
                 skips.append(x)
-        logits = self.head_logits(self.head_input(rms_norm(x)))
+        h = self.head_input(rms_norm(x))
+        logits = self.head_logits(h, None if lora is None else lora.at(None))
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
-    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Soft-capped fp32 logits of the tied head from its (normed) input."""
+    def head_logits(self, h: torch.Tensor, lora=None) -> torch.Tensor:
+        """Soft-capped fp32 logits of the tied head from its (normed) input (plus a DocAdapters delta)."""
         logits = F.linear(h, self.tok_emb.weight).float()
+        if lora is not None:
+            logits = logits + lora("head", h).float()
         return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
 
 
@@ -1995,19 +2113,25 @@ def train_and_score(args: Hyperparameters, rank: int, world: int, device: torch.
     log(f"round trip: val_loss:{q_loss:.4f} val_bpb:{q_bpb:.4f} (plain, seq_len {eval_seq_len}) "
         f"quantization cost {q_bpb - pre_bpb:+.4f} bpb")
     mode = "sliding" if args.eval_stride else "plain"
-    if args.ttt_epochs:
+    if args.ttt_epochs and args.ttt_lora_rank:
+        mode = "docs+lora"  # replaces the sliding score: each document alone, each chunk scored before its adapters train
+        q_loss, q_bpb, score_s, adapt_s = evaluate_lora(fresh, val_tokens, eval_seq_len, luts, args, rank, world)
+        log(f"round trip: val_loss:{q_loss:.4f} val_bpb:{q_bpb:.4f} ({mode}, seq_len {eval_seq_len}, chunks of "
+            f"{args.ttt_lora_chunk} tokens, rank {args.ttt_lora_rank})")
+    elif args.ttt_epochs:
         mode += "+ttt"  # replaces the sliding score: the same windows, each chunk's scored before TTT trains on it
         q_loss, q_bpb, score_s, adapt_s = evaluate_ttt(scorer, ttt_parameters(fresh, args.ttt_freeze_blocks), val_tokens,
                                                        eval_seq_len, args.eval_stride, luts, args, rank, world)
         log(f"round trip: val_loss:{q_loss:.4f} val_bpb:{q_bpb:.4f} ({mode}, seq_len {eval_seq_len} stride "
             f"{args.eval_stride or eval_seq_len}, chunks of {args.ttt_chunk_tokens} tokens)")
-        # Both parts split over ranks (windows, and each step's sequences), so 8 GPUs take about world/8 of
-        # the time; adaptation less well, as its all-reduces do not shrink and its per-GPU batches do.
-        log(f"ttt time on {world} rank(s): scoring {score_s:.1f}s + adaptation {adapt_s:.1f}s; on 8 GPUs about "
-            f"{score_s * world / 8:.1f}s + {adapt_s * world / 8:.1f}s (linear in ranks; adaptation likely more)")
     elif args.eval_stride:
         q_loss, q_bpb = evaluate(scorer, val_tokens, eval_seq_len, args.eval_stride, args.eval_batch_seqs, luts, rank, world)
         log(f"round trip: val_loss:{q_loss:.4f} val_bpb:{q_bpb:.4f} (sliding, seq_len {eval_seq_len} stride {args.eval_stride})")
+    if args.ttt_epochs:
+        # Both parts split over ranks (windows or documents, and each step's sequences), so 8 GPUs take about
+        # world/8 of the time; chunked SGD less well, as its all-reduces do not shrink and its per-GPU batches do.
+        log(f"ttt time on {world} rank(s): scoring {score_s:.1f}s + adaptation {adapt_s:.1f}s; on 8 GPUs about "
+            f"{score_s * world / 8:.1f}s + {adapt_s * world / 8:.1f}s (linear in ranks; adaptation likely more)")
     log(f"evaluation took {sync_time(device) - t_eval:.1f}s")
 
     if rank == 0:

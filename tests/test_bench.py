@@ -35,8 +35,10 @@ def test_ttt_variants_override_only_the_named_settings_with_their_types():
     class Args:
         ttt_lr, ttt_chunk_tokens, ttt_epochs, ttt_batch_seqs = 0.002, 32768, 3, 32
         ttt_momentum, ttt_freeze_blocks, ttt_grad_clip = 0.9, 0, 1.0
-    variants = bench.ttt_variants("lr=0.01; chunk=8192,epochs=2;", Args())
-    assert variants == [{"ttt_lr": 0.01}, {"ttt_chunk_tokens": 8192, "ttt_epochs": 2}]
+        ttt_lora_rank, ttt_lora_lr, ttt_lora_chunk = 0, 0.001, 32
+    variants = bench.ttt_variants("lr=0.01; chunk=8192,epochs=2; rank=8,lora_lr=3e-4", Args())
+    assert variants == [{"ttt_lr": 0.01}, {"ttt_chunk_tokens": 8192, "ttt_epochs": 2},
+                        {"ttt_lora_rank": 8, "ttt_lora_lr": 3e-4}]
     assert type(variants[1]["ttt_chunk_tokens"]) is int
     with pytest.raises(SystemExit, match="error: --ttt item 'rate=1'"):
         bench.ttt_variants("rate=1", Args())

@@ -553,3 +553,174 @@ def test_ttt_on_two_gloo_processes_matches_one_process(eval_setup, tmp_path):
         assert score == pytest.approx(one, rel=1e-6)
         for name, p in adapted.state_dict().items():
             torch.testing.assert_close(state[name], p, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# -- per-document LoRA TTT -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tokens", [
+    [1, 5, 6, 1, 7, 1, 1, 8, 9],  # opens with BOS; an empty document (BOS, BOS)
+    [5, 6, 1, 7, 8],  # opens mid-document
+    [5, 6, 7],  # no BOS at all
+    [1, 5, 6, 1],  # ends with a BOS, which the last document predicts
+    [1, 1, 1],
+])
+def test_doc_spans_cover_every_target_once_each_document_from_its_bos_to_the_next(tokens):
+    tokens = np.asarray(tokens)
+    spans = tg.doc_spans(tokens, BOS)
+    targets = [t for a, b in spans for t in range(a + 1, b + 1)]
+    assert targets == list(range(1, len(tokens)))
+    for a, b in spans:
+        assert a == 0 or tokens[a] == BOS
+        assert not (tokens[a + 1 : b] == BOS).any()  # no BOS inside, only at the ends
+        assert b == len(tokens) - 1 or tokens[b] == BOS
+
+
+@pytest.fixture(scope="module")
+def lora_setup(eval_setup, tiny_sp):
+    """A tiny perturbed GPT with every model feature the adapters must thread through (looped block, XSA,
+    parallel block, LN scale, gated skips, bigram, smear), and the validation tokens opening mid-document,
+    with more document starts put in (one document of a single target)."""
+    _, tokens, luts = eval_setup
+    torch.manual_seed(0)
+    model = tg.GPT(luts[0].numel(), 3, 32, 4, 2, 2.0, bigram_vocab_size=64, bigram_dim=16, bos_id=tiny_sp.bos_id(),
+                   max_seq_len=160, rope_dims=4, xsa_last_n=2, ln_scale=True, parallel_last_n=1, mlp_neg_slope=0.5,
+                   skip_gates=True, loop_layers=(1, 1), loop_repeats=1).float().eval()
+    model.looping = True
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    tokens = tokens[3:].clone()
+    tokens[[30, 75, 76]] = tiny_sp.bos_id()
+    assert tokens[0] != tiny_sp.bos_id()
+    lengths = [b - a for a, b in tg.doc_spans(tokens.numpy(), tiny_sp.bos_id())]
+    assert len(lengths) >= 3 and max(lengths) > 24  # several documents, one longer than the windows below
+    return model, tokens, luts
+
+
+def lora_args(**overrides) -> SimpleNamespace:
+    args = dict(ttt_epochs=2, ttt_lora_rank=2, ttt_lora_lr=0.03, ttt_lora_chunk=5, eval_batch_seqs=3, seed=0)
+    args.update(overrides)
+    return SimpleNamespace(**args)
+
+
+def reference_lora(model, tokens, seq_len, luts, args, update_first=False):
+    """Per-document LoRA TTT written out plainly: documents one at a time (each target's document opens at
+    the last BOS before it, or at 0), each with fresh adapters and its own Adam; each target scored on its
+    own, on its document's tokens from max(0, (k+1)C - seq_len) for chunk k, by adapters trained on the
+    chunks before its own. update_first=True is the leak: train on a chunk, then score it."""
+    n, chunk = tokens.numel(), args.ttt_lora_chunk
+    opens = [t for t in range(n) if t == 0 or int(tokens[t]) == model.bos_id]
+    nats, count, nbytes = 0.0, 0, 0
+    for a, b in zip(opens, opens[1:] + [n - 1]):
+        doc = tokens[a : b + 1].long()
+        if b == a:
+            continue
+        adapters = tg.DocAdapters(model, 1, args.ttt_lora_rank, args.seed)
+        opt = torch.optim.Adam(adapters.parameters(), lr=args.ttt_lora_lr, betas=(0.0, 0.999))
+        n_chunks = math.ceil((b - a) / chunk)
+        for k in range(n_chunks):
+            hi = min((k + 1) * chunk, b - a)
+            lo = max(0, (k + 1) * chunk - seq_len)
+
+            def train():
+                for _ in range(args.ttt_epochs):
+                    losses = model(doc[None, lo:hi], doc[None, lo + 1 : hi + 1], adapters)[0]
+                    opt.zero_grad()
+                    losses[k * chunk - lo :].sum().backward()
+                    opt.step()
+
+            if update_first and k < n_chunks - 1:
+                train()
+            for j in range(k * chunk + 1, hi + 1):
+                with torch.no_grad():
+                    nats += float(model(doc[None, lo:j], doc[None, lo + 1 : j + 1], adapters)[0, -1])
+                nbytes += int(tg.target_bytes(doc[j - 1 : j], doc[j : j + 1], luts))
+                count += 1
+            if not update_first and k < n_chunks - 1:
+                train()
+    assert count == n - 1
+    return nats / count, nats / math.log(2) / nbytes
+
+
+def run_lora(model, tokens, seq_len, luts, args):
+    model = copy.deepcopy(model)
+    loss, bpb, score_s, adapt_s = tg.evaluate_lora(model, tokens, seq_len, luts, args)
+    assert score_s > 0 and adapt_s >= 0
+    return loss, bpb
+
+
+@pytest.mark.parametrize("batch_seqs,epochs", [(1, 2), (3, 2), (1000, 2), (3, 1)])
+def test_lora_scores_each_chunk_before_its_documents_adapters_train_on_it(lora_setup, batch_seqs, epochs):
+    """With a large learning rate the adapters memorize the chunk they train on. evaluate_lora, which runs
+    several documents at once (batch_seqs 1: one at a time), must match the plain score-first reference
+    and not the update-first one."""
+    model, tokens, luts = lora_setup
+    args = lora_args(eval_batch_seqs=batch_seqs, ttt_epochs=epochs)
+    score_first = reference_lora(model, tokens, 16, luts, args)
+    update_first = reference_lora(model, tokens, 16, luts, args, update_first=True)
+    without = reference_lora(model, tokens, 16, luts, lora_args(ttt_lora_lr=0.0))
+    assert update_first[0] < score_first[0] - 0.5  # memorized: the leak would be plain to see
+    assert abs(score_first[0] - without[0]) > 0.01  # and the adapters do change the score
+    assert run_lora(model, tokens, 16, luts, args) == pytest.approx(score_first, rel=1e-5)
+
+
+@pytest.mark.parametrize("seq_len,chunk", [(16, 5), (16, 16), (200, 7)])
+def test_lora_without_learning_scores_each_document_alone_on_its_own_tokens(lora_setup, seq_len, chunk):
+    """LR 0: each target scored once, with the context of its own document only, from the window's start
+    (the chunk's end minus seq_len); with windows longer than every document, one forward per document."""
+    model, tokens, luts = lora_setup
+    args = lora_args(ttt_lora_lr=0.0, ttt_lora_chunk=chunk)
+    got = run_lora(model, tokens, seq_len, luts, args)
+    assert got == pytest.approx(reference_lora(model, tokens, seq_len, luts, args), rel=1e-6)
+    if seq_len == 200:
+        nats = nbytes = 0.0
+        for a, b in tg.doc_spans(tokens.numpy(), model.bos_id):
+            doc = tokens[a : b + 1].long()[None]
+            with torch.no_grad():
+                nats += float(model(doc[:, :-1], doc[:, 1:]).double().sum())
+            nbytes += int(tg.target_bytes(doc[0, :-1], doc[0, 1:], luts).sum())
+        assert got == pytest.approx((nats / (tokens.numel() - 1), nats / math.log(2) / nbytes), rel=1e-6)
+        assert got[0] != pytest.approx(tg.evaluate(model, tokens, seq_len, 0, 3, luts)[0], rel=1e-4)  # documents cut apart
+
+
+def test_doc_adapters_add_their_low_rank_deltas_per_document_at_each_site(lora_setup):
+    """Site by site, a delta x @ A @ B must act as written: on q/k/v it equals adding (A @ B)^T to those
+    weights; on the attention's and the MLP's outputs and on the logits, it equals adding x @ A @ B there by
+    hand (a forward hook, a hand-made head); and only its own document's loss moves."""
+    model, tokens, luts = lora_setup
+    model = copy.deepcopy(model)
+    docs = [tokens[a : b + 1].long() for a, b in tg.doc_spans(tokens.numpy(), model.bos_id)][:2]
+    length = min(d.numel() for d in docs)
+    x = torch.stack([d[: length - 1] for d in docs])
+    y = torch.stack([d[1:length] for d in docs])
+    last = len(model.orders[True]) - 1  # the last virtual layer: block 2, which runs once
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        base = model(x, y)
+    for site in ("qkv", "attn", "mlp", "head"):
+        adapters = tg.DocAdapters(model, 2, 2, 0)
+        a, b = adapters.pairs[(None if site == "head" else last), site]
+        with torch.no_grad():
+            b[0].normal_(generator=gen)  # document 0 only
+            got = model(x, y, adapters)
+        delta = (a[0] @ b[0]).detach()
+        twin = copy.deepcopy(model)
+        block = twin.blocks[2]
+        if site == "qkv":
+            with torch.no_grad():
+                q, k, v = delta.t().split([block.attn.q.out_features, block.attn.k.out_features, block.attn.v.out_features])
+                block.attn.q.weight += q
+                block.attn.k.weight += k
+                block.attn.v.weight += v
+        elif site in ("attn", "mlp"):
+            getattr(block, site).register_forward_hook(lambda mod, inp, out: out + inp[0] @ delta)
+        else:
+            cap = twin.logit_softcap
+            twin.head_logits = lambda h, lora=None: cap * torch.tanh((h @ twin.tok_emb.weight.t() + h @ delta) / cap)
+        with torch.no_grad():
+            want = twin(x, y)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5, msg=site)
+        assert not torch.allclose(got[0], base[0], atol=1e-3), site
+        torch.testing.assert_close(got[1], base[1], rtol=0, atol=0, msg=site)  # the other document: untouched

@@ -262,21 +262,25 @@ def test_two_processes_train_like_one(tiny_corpus, tmp_path):
     assert abs(score[0] - score[1]) < 1e-3
 
 
-def test_ttt_run_replaces_the_sliding_score_and_logs_its_time_split(tiny_corpus, tmp_path):
+@pytest.mark.parametrize("settings,mode,detail", [
+    (dict(TTT_CHUNK_TOKENS=2048, TTT_BATCH_SEQS=8), "sliding+ttt", "seq_len 64 stride 32, chunks of 2048 tokens"),
+    (dict(TTT_LORA_RANK=2, TTT_LORA_CHUNK=16), "docs+lora", "seq_len 64, chunks of 16 tokens, rank 2"),
+])
+def test_ttt_run_replaces_the_sliding_score_and_logs_its_time_split(tiny_corpus, tmp_path, settings, mode, detail):
     out = tmp_path / "out"
-    proc = run_script(tmp_path, **tiny_config(tiny_corpus, out, TTT_EPOCHS=1, TTT_CHUNK_TOKENS=2048, TTT_BATCH_SEQS=8))
+    proc = run_script(tmp_path, **tiny_config(tiny_corpus, out, TTT_EPOCHS=1, **settings))
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (out / "train.log").read_text()
     last = log.strip().splitlines()[-1]
-    match = re.match(r"^final_score val_loss:(\S+) val_bpb:(\S+) eval:sliding\+ttt seq_len:64 stride:32 bytes_total:", last)
+    match = re.match(rf"^final_score val_loss:(\S+) val_bpb:(\S+) eval:{re.escape(mode)} seq_len:64 stride:32 bytes_total:", last)
     assert match, last
     assert 0 < float(match.group(2)) < 10
     assert "(sliding, seq_len" not in log  # no separate sliding pass
-    assert re.search(r"^round trip: .* \(sliding\+ttt, seq_len 64 stride 32, chunks of 2048 tokens\)$", log, re.M)
+    assert re.search(rf"^round trip: .* \({re.escape(mode)}, {detail}\)$", log, re.M)
     assert re.search(r"^ttt time on 1 rank\(s\): scoring \d+\.\ds \+ adaptation \d+\.\ds; on 8 GPUs about ", log, re.M)
     sub = json.loads((out / "submission.json").read_text())
     assert sub["val_bpb"] == pytest.approx(float(match.group(2)), abs=1e-8)
-    assert "sliding+ttt eval" in sub["blurb"]
+    assert f"{mode} eval" in sub["blurb"]
 
 
 def test_wallclock_cap_stops_training_at_the_cap_fully_annealed(tiny_corpus, tmp_path):

@@ -349,7 +349,8 @@ def run_proxy(a) -> None:
 
 
 TTT_KEYS = dict(lr="ttt_lr", chunk="ttt_chunk_tokens", epochs="ttt_epochs", batch="ttt_batch_seqs",
-                momentum="ttt_momentum", freeze="ttt_freeze_blocks", clip="ttt_grad_clip")
+                momentum="ttt_momentum", freeze="ttt_freeze_blocks", clip="ttt_grad_clip", rank="ttt_lora_rank",
+                lora_lr="ttt_lora_lr", lora_chunk="ttt_lora_chunk")
 
 
 def ttt_variants(spec: str, args) -> list[dict]:
@@ -390,7 +391,7 @@ def run_score(a) -> None:
     model.looping = args.loop_repeats > 0  # a run that reached LOOP_START_FRAC
     model.load_state_dict(state)
     scorer = torch.compile(model, dynamic=False) if args.compile else model
-    for stride in (0, args.eval_stride):
+    for stride in () if a.no_baseline else (0, args.eval_stride):
         t0 = tg.sync_time(device)
         loss, bpb = tg.evaluate(scorer, val, seq_len, stride, args.eval_batch_seqs, luts)
         print(f"score {'sliding' if stride else 'plain'}: val_loss {loss:.4f} val_bpb {bpb:.5f} in {tg.sync_time(device) - t0:.1f}s", flush=True)
@@ -400,10 +401,14 @@ def run_score(a) -> None:
         model.load_state_dict(state)
         for p in model.parameters():
             p.requires_grad_(True)  # ttt_parameters froze the last variant's blocks
-        params = tg.ttt_parameters(model, args.ttt_freeze_blocks)
-        loss, bpb, score_s, adapt_s = tg.evaluate_ttt(scorer, params, val, seq_len, args.eval_stride, luts, args)
+        if args.ttt_lora_rank:  # per-document LoRA on the eager model, as the script runs it
+            mode, (loss, bpb, score_s, adapt_s) = "docs+lora", tg.evaluate_lora(model, val, seq_len, luts, args)
+        else:
+            params = tg.ttt_parameters(model, args.ttt_freeze_blocks)
+            mode, (loss, bpb, score_s, adapt_s) = "sliding+ttt", tg.evaluate_ttt(scorer, params, val, seq_len,
+                                                                                 args.eval_stride, luts, args)
         shown = " ".join(f"{k}={getattr(args, attr)}" for k, attr in TTT_KEYS.items())
-        print(f"score sliding+ttt {shown}: val_loss {loss:.4f} val_bpb {bpb:.5f}, scoring {score_s:.1f}s + "
+        print(f"score {mode} {shown}: val_loss {loss:.4f} val_bpb {bpb:.5f}, scoring {score_s:.1f}s + "
               f"adaptation {adapt_s:.1f}s", flush=True)
 
 
@@ -440,7 +445,8 @@ def main() -> None:
     sc = sub.add_parser("score")
     sc.add_argument("--artifact", default="/tmp/proxy_out/final_model.ptz")
     sc.add_argument("--ttt", default="", help="TTT variants to try, ';'-separated, each KEY=VALUE,... with KEY in "
-                    + ", ".join(TTT_KEYS) + " (epochs must end up > 0)")
+                    + ", ".join(TTT_KEYS) + " (epochs must end up > 0; rank > 0: per-document LoRA)")
+    sc.add_argument("--no-baseline", action="store_true", help="skip the plain and sliding scores without TTT")
     a = ap.parse_args()
     {"score": run_score, "proxy": run_proxy, "train": run_train, "eval": run_eval, "attention": run_attention, "profile": run_profile, "step": run_step, "pack": run_pack, "compare": run_compare}[a.mode](a)
 
