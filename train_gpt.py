@@ -661,34 +661,10 @@ def train_on_chunk(model, params: list[nn.Parameter], opt: torch.optim.Optimizer
             opt.step()
 
 
-def evaluate_ttt(model, params: list[nn.Parameter], tokens: torch.Tensor, seq_len: int, stride: int, luts, args,
-                 rank: int = 0, world: int = 1) -> tuple[float, float, float, float]:
-    """(val_loss, val_bpb, scoring seconds, adaptation seconds) with score-first TTT of `params`, which
-    belong to `model` and change in place. Each chunk's windows are split over ranks as in evaluate()."""
-    chunks = chunk_windows(tokens.numel(), seq_len, stride, args.ttt_chunk_tokens)
-    length = min(seq_len, tokens.numel() - 1)
-    opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
-    for p in params:
-        p.grad = torch.zeros_like(p)  # kept: a rank without a sequence in some step still all-reduces zeros
-    sums = torch.zeros(3, dtype=torch.float64, device=tokens.device)
-    score_s = adapt_s = 0.0
-    for c, (starts, first, end) in enumerate(chunks):
-        t0 = sync_time(tokens.device)
-        share = rank_share(len(starts), rank, world)
-        sums += window_sums(model, tokens, starts[share], first[share], end[share], length, args.eval_batch_seqs, luts)
-        t1 = sync_time(tokens.device)
-        score_s += t1 - t0
-        if c + 1 < len(chunks):
-            opt.param_groups[0]["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (len(chunks) - 1)))
-            train_on_chunk(model, params, opt, tokens, c, seq_len, args, rank, world)
-            adapt_s += sync_time(tokens.device) - t1
-    return *loss_and_bpb(sums), score_s, adapt_s
-
-
-# Per-document LoRA TTT (TTT_LORA_RANK > 0). Each document is scored on its own tokens alone, in chunks of
-# TTT_LORA_CHUNK targets; after a chunk is scored, the document's own adapters train on it. Adapters start
-# afresh with every document and the base model never changes, so a score depends only on the tokens
-# before it in its own document.
+# Per-document LoRA TTT (TTT_LORA_RANK > 0) scores documents instead of windows. Each document is scored on
+# its own tokens alone, in chunks of TTT_LORA_CHUNK targets; after a chunk is scored, the document's own
+# adapters take one step on it. Adapters start afresh with every document, so a score depends only on the
+# tokens before it in its own document and on what the base model learnt from earlier chunks.
 
 
 def doc_spans(tokens: np.ndarray, bos: int) -> list[tuple[int, int]]:
@@ -765,24 +741,47 @@ def lora_sums(model, tokens: torch.Tensor, spans: list[tuple[int, int]], seq_len
             sums += torch.stack([losses.detach().double()[scored].sum(), scored.sum(), target_bytes(x, y, luts)[scored].sum()])
             t1 = sync_time(device)
             score_s += t1 - t0
-            for epoch in range(args.ttt_epochs if hi < lengths[0] else 0):  # scored first, trained after
-                if epoch:
-                    with autocast(device):
-                        losses = model(x, y, adapters)
+            if hi < lengths[0]:  # scored first, trained after (the base model's weights take no gradient)
                 opt.zero_grad()
-                losses[scored].sum().backward()
+                losses[scored].sum().backward(inputs=adapters.parameters())
                 opt.step()
             adapt_s += sync_time(device) - t1
     return sums, score_s, adapt_s
 
 
-def evaluate_lora(model, tokens: torch.Tensor, seq_len: int, luts, args, rank: int = 0,
-                  world: int = 1) -> tuple[float, float, float, float]:
-    """(val_loss, val_bpb, scoring seconds, adaptation seconds) with per-document LoRA TTT on the eager
-    `model`, whose weights stop taking gradients. Documents are sorted by length and dealt out to ranks."""
-    model.requires_grad_(False)
-    spans = sorted(doc_spans(tokens.cpu().numpy(), model.bos_id), key=lambda s: s[0] - s[1])[rank::world]
-    sums, score_s, adapt_s = lora_sums(model, tokens, spans, seq_len, luts, args)
+def evaluate_ttt(model, params: list[nn.Parameter], tokens: torch.Tensor, seq_len: int, stride: int, luts, args,
+                 rank: int = 0, world: int = 1, eager=None) -> tuple[float, float, float, float]:
+    """(val_loss, val_bpb, scoring seconds, adaptation seconds) with score-first TTT of `params`, which
+    belong to `model` and change in place. Each chunk's windows are split over ranks as in evaluate(); with
+    TTT_LORA_RANK, the documents that open in the chunk are scored instead, by per-document LoRA on `eager`
+    (`model` uncompiled), sorted by length and dealt out to ranks. With TTT_EPOCHS=0 there is one chunk."""
+    chunk = args.ttt_chunk_tokens if args.ttt_epochs else tokens.numel()
+    chunks = chunk_windows(tokens.numel(), seq_len, stride, chunk)
+    length = min(seq_len, tokens.numel() - 1)
+    if args.ttt_lora_rank:  # every target is in its document's chunk or a later one: scored before trained on
+        groups = [[] for _ in chunks]
+        for span in sorted(doc_spans(tokens.cpu().numpy(), eager.bos_id), key=lambda s: s[0] - s[1]):
+            groups[span[0] // chunk].append(span)
+    opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
+    for p in params:
+        p.grad = torch.zeros_like(p)  # kept: a rank without a sequence in some step still all-reduces zeros
+    sums = torch.zeros(3, dtype=torch.float64, device=tokens.device)
+    score_s = adapt_s = 0.0
+    for c, (starts, first, end) in enumerate(chunks):
+        t0 = sync_time(tokens.device)
+        if args.ttt_lora_rank:
+            doc_sums, doc_score_s, doc_adapt_s = lora_sums(eager, tokens, groups[c][rank::world], seq_len, luts, args)
+            sums += doc_sums
+            score_s, adapt_s = score_s + doc_score_s, adapt_s + doc_adapt_s
+        else:
+            share = rank_share(len(starts), rank, world)
+            sums += window_sums(model, tokens, starts[share], first[share], end[share], length, args.eval_batch_seqs, luts)
+            score_s += sync_time(tokens.device) - t0
+        t1 = sync_time(tokens.device)
+        if c + 1 < len(chunks):
+            opt.param_groups[0]["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (len(chunks) - 1)))
+            train_on_chunk(model, params, opt, tokens, c, seq_len, args, rank, world)
+            adapt_s += sync_time(tokens.device) - t1
     return *loss_and_bpb(sums), score_s, adapt_s
 
 
@@ -2113,21 +2112,19 @@ def train_and_score(args: Hyperparameters, rank: int, world: int, device: torch.
     log(f"round trip: val_loss:{q_loss:.4f} val_bpb:{q_bpb:.4f} (plain, seq_len {eval_seq_len}) "
         f"quantization cost {q_bpb - pre_bpb:+.4f} bpb")
     mode = "sliding" if args.eval_stride else "plain"
-    if args.ttt_epochs and args.ttt_lora_rank:
-        mode = "docs+lora"  # replaces the sliding score: each document alone, each chunk scored before its adapters train
-        q_loss, q_bpb, score_s, adapt_s = evaluate_lora(fresh, val_tokens, eval_seq_len, luts, args, rank, world)
-        log(f"round trip: val_loss:{q_loss:.4f} val_bpb:{q_bpb:.4f} ({mode}, seq_len {eval_seq_len}, chunks of "
-            f"{args.ttt_lora_chunk} tokens, rank {args.ttt_lora_rank})")
-    elif args.ttt_epochs:
-        mode += "+ttt"  # replaces the sliding score: the same windows, each chunk's scored before TTT trains on it
+    if args.ttt_epochs or args.ttt_lora_rank:
+        # Replaces the sliding score: the same windows, or each document alone (LoRA), each chunk scored first.
+        mode = ("docs+lora" if args.ttt_lora_rank else mode) + ("+ttt" if args.ttt_epochs else "")
         q_loss, q_bpb, score_s, adapt_s = evaluate_ttt(scorer, ttt_parameters(fresh, args.ttt_freeze_blocks), val_tokens,
-                                                       eval_seq_len, args.eval_stride, luts, args, rank, world)
-        log(f"round trip: val_loss:{q_loss:.4f} val_bpb:{q_bpb:.4f} ({mode}, seq_len {eval_seq_len} stride "
-            f"{args.eval_stride or eval_seq_len}, chunks of {args.ttt_chunk_tokens} tokens)")
+                                                       eval_seq_len, args.eval_stride, luts, args, rank, world, fresh)
+        how = [f"seq_len {eval_seq_len}" + ("" if args.ttt_lora_rank else f" stride {args.eval_stride or eval_seq_len}")]
+        how += [f"chunks of {args.ttt_chunk_tokens} tokens"] if args.ttt_epochs else []
+        how += [f"LoRA rank {args.ttt_lora_rank} on {args.ttt_lora_chunk}-token document chunks"] if args.ttt_lora_rank else []
+        log(f"round trip: val_loss:{q_loss:.4f} val_bpb:{q_bpb:.4f} ({mode}, {', '.join(how)})")
     elif args.eval_stride:
         q_loss, q_bpb = evaluate(scorer, val_tokens, eval_seq_len, args.eval_stride, args.eval_batch_seqs, luts, rank, world)
         log(f"round trip: val_loss:{q_loss:.4f} val_bpb:{q_bpb:.4f} (sliding, seq_len {eval_seq_len} stride {args.eval_stride})")
-    if args.ttt_epochs:
+    if args.ttt_epochs or args.ttt_lora_rank:
         # Both parts split over ranks (windows or documents, and each step's sequences), so 8 GPUs take about
         # world/8 of the time; chunked SGD less well, as its all-reduces do not shrink and its per-GPU batches do.
         log(f"ttt time on {world} rank(s): scoring {score_s:.1f}s + adaptation {adapt_s:.1f}s; on 8 GPUs about "

@@ -412,9 +412,25 @@ def test_chunk_windows_score_every_target_once_in_its_own_chunk_with_unchanged_c
 
 def ttt_args(**overrides) -> SimpleNamespace:
     args = dict(ttt_epochs=3, ttt_chunk_tokens=36, ttt_lr=0.5, ttt_momentum=0.9, ttt_grad_clip=0.0, ttt_batch_seqs=2,
-                eval_batch_seqs=3)
+                eval_batch_seqs=3, ttt_lora_rank=0)
     args.update(overrides)
     return SimpleNamespace(**args)
+
+
+def reference_train(model, opt, tokens, c, n_chunks, seq_len, args):
+    """TTT_EPOCHS passes of SGD over chunk c of n_chunks, as in reference_ttt."""
+    chunk = args.ttt_chunk_tokens
+    length = min(seq_len, chunk)
+    seqs = [c * chunk + k * length for k in range(chunk // length)] + ([c * chunk + chunk - length] if chunk % length else [])
+    opt.param_groups[0]["lr"] = args.ttt_lr * (1 + math.cos(math.pi * c / (n_chunks - 1))) / 2
+    for _ in range(args.ttt_epochs):
+        for i in range(0, len(seqs), args.ttt_batch_seqs):
+            batch = torch.stack([tokens[s : s + length + 1].long() for s in seqs[i : i + args.ttt_batch_seqs]])
+            opt.zero_grad()
+            model(batch[:, :-1], batch[:, 1:]).mean().backward()
+            if args.ttt_grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.ttt_grad_clip)
+            opt.step()
 
 
 def reference_ttt(model, tokens, seq_len, stride, luts, args, update_first=False):
@@ -427,20 +443,10 @@ def reference_ttt(model, tokens, seq_len, stride, luts, args, update_first=False
     opt = torch.optim.SGD(model.parameters(), lr=args.ttt_lr, momentum=args.ttt_momentum)
     n, chunk = tokens.numel(), args.ttt_chunk_tokens
     n_chunks = math.ceil((n - 1) / chunk)
-    length = min(seq_len, chunk)
     nats, count, nbytes = 0.0, 0, 0
 
     def train(c):
-        seqs = [c * chunk + k * length for k in range(chunk // length)] + ([c * chunk + chunk - length] if chunk % length else [])
-        opt.param_groups[0]["lr"] = args.ttt_lr * (1 + math.cos(math.pi * c / (n_chunks - 1))) / 2
-        for _ in range(args.ttt_epochs):
-            for i in range(0, len(seqs), args.ttt_batch_seqs):
-                batch = torch.stack([tokens[s : s + length + 1].long() for s in seqs[i : i + args.ttt_batch_seqs]])
-                opt.zero_grad()
-                model(batch[:, :-1], batch[:, 1:]).mean().backward()
-                if args.ttt_grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.ttt_grad_clip)
-                opt.step()
+        reference_train(model, opt, tokens, c, n_chunks, seq_len, args)
 
     for c in range(n_chunks):
         last = c == n_chunks - 1
@@ -600,7 +606,9 @@ def lora_setup(eval_setup, tiny_sp):
 
 
 def lora_args(**overrides) -> SimpleNamespace:
-    args = dict(ttt_epochs=2, ttt_lora_rank=2, ttt_lora_lr=0.03, ttt_lora_chunk=5, eval_batch_seqs=3, seed=0)
+    """Per-document LoRA alone (TTT_EPOCHS=0); the chunked SGD settings for runs that add it."""
+    args = dict(ttt_epochs=0, ttt_lora_rank=2, ttt_lora_lr=0.03, ttt_lora_chunk=5, eval_batch_seqs=3, seed=0,
+                ttt_chunk_tokens=36, ttt_lr=0.5, ttt_momentum=0.9, ttt_grad_clip=0.0, ttt_batch_seqs=2)
     args.update(overrides)
     return SimpleNamespace(**args)
 
@@ -609,60 +617,91 @@ def reference_lora(model, tokens, seq_len, luts, args, update_first=False):
     """Per-document LoRA TTT written out plainly: documents one at a time (each target's document opens at
     the last BOS before it, or at 0), each with fresh adapters and its own Adam; each target scored on its
     own, on its document's tokens from max(0, (k+1)C - seq_len) for chunk k, by adapters trained on the
-    chunks before its own. update_first=True is the leak: train on a chunk, then score it."""
+    chunks before its own. With TTT_EPOCHS, the documents that open in chunk c of TTT_CHUNK_TOKENS are
+    scored first, then the base model takes reference_train's SGD on chunk c. update_first=True is the
+    leak: train (adapters and base) on a chunk, then score it."""
+    model = copy.deepcopy(model)
+    base_opt = torch.optim.SGD(model.parameters(), lr=args.ttt_lr, momentum=args.ttt_momentum)
     n, chunk = tokens.numel(), args.ttt_lora_chunk
+    base_chunk = args.ttt_chunk_tokens if args.ttt_epochs else n
+    n_chunks = math.ceil((n - 1) / base_chunk)
     opens = [t for t in range(n) if t == 0 or int(tokens[t]) == model.bos_id]
+    docs = [(a, b) for a, b in zip(opens, opens[1:] + [n - 1]) if b > a]
     nats, count, nbytes = 0.0, 0, 0
-    for a, b in zip(opens, opens[1:] + [n - 1]):
+
+    def score_document(a, b):
+        nonlocal nats, count, nbytes
         doc = tokens[a : b + 1].long()
-        if b == a:
-            continue
         adapters = tg.DocAdapters(model, 1, args.ttt_lora_rank, args.seed)
         opt = torch.optim.Adam(adapters.parameters(), lr=args.ttt_lora_lr, betas=(0.0, 0.999))
-        n_chunks = math.ceil((b - a) / chunk)
-        for k in range(n_chunks):
+        n_doc_chunks = math.ceil((b - a) / chunk)
+        for k in range(n_doc_chunks):
             hi = min((k + 1) * chunk, b - a)
             lo = max(0, (k + 1) * chunk - seq_len)
 
             def train():
-                for _ in range(args.ttt_epochs):
-                    losses = model(doc[None, lo:hi], doc[None, lo + 1 : hi + 1], adapters)[0]
-                    opt.zero_grad()
-                    losses[k * chunk - lo :].sum().backward()
-                    opt.step()
+                losses = model(doc[None, lo:hi], doc[None, lo + 1 : hi + 1], adapters)[0]
+                opt.zero_grad()
+                losses[k * chunk - lo :].sum().backward(inputs=adapters.parameters())
+                opt.step()
 
-            if update_first and k < n_chunks - 1:
+            if update_first and k < n_doc_chunks - 1:
                 train()
             for j in range(k * chunk + 1, hi + 1):
                 with torch.no_grad():
                     nats += float(model(doc[None, lo:j], doc[None, lo + 1 : j + 1], adapters)[0, -1])
                 nbytes += int(tg.target_bytes(doc[j - 1 : j], doc[j : j + 1], luts))
                 count += 1
-            if not update_first and k < n_chunks - 1:
+            if not update_first and k < n_doc_chunks - 1:
                 train()
+
+    for c in range(n_chunks):
+        if update_first and c < n_chunks - 1:
+            reference_train(model, base_opt, tokens, c, n_chunks, seq_len, args)
+        for a, b in docs:
+            if a // base_chunk == c:
+                score_document(a, b)
+        if not update_first and c < n_chunks - 1:
+            reference_train(model, base_opt, tokens, c, n_chunks, seq_len, args)
     assert count == n - 1
     return nats / count, nats / math.log(2) / nbytes
 
 
 def run_lora(model, tokens, seq_len, luts, args):
     model = copy.deepcopy(model)
-    loss, bpb, score_s, adapt_s = tg.evaluate_lora(model, tokens, seq_len, luts, args)
+    loss, bpb, score_s, adapt_s = tg.evaluate_ttt(model, list(model.parameters()), tokens, seq_len, 5, luts, args,
+                                                  eager=model)
     assert score_s > 0 and adapt_s >= 0
     return loss, bpb
 
 
-@pytest.mark.parametrize("batch_seqs,epochs", [(1, 2), (3, 2), (1000, 2), (3, 1)])
-def test_lora_scores_each_chunk_before_its_documents_adapters_train_on_it(lora_setup, batch_seqs, epochs):
-    """With a large learning rate the adapters memorize the chunk they train on. evaluate_lora, which runs
-    several documents at once (batch_seqs 1: one at a time), must match the plain score-first reference
-    and not the update-first one."""
+@pytest.mark.parametrize("batch_seqs", [1, 3, 1000])
+def test_lora_scores_each_chunk_before_its_documents_adapters_train_on_it(lora_setup, batch_seqs):
+    """With a large learning rate the adapters memorize the chunk they train on. evaluate_ttt with LoRA,
+    which runs several documents at once (batch_seqs 1: one at a time), must match the plain score-first
+    reference and not the update-first one."""
     model, tokens, luts = lora_setup
-    args = lora_args(eval_batch_seqs=batch_seqs, ttt_epochs=epochs)
+    args = lora_args(eval_batch_seqs=batch_seqs)
     score_first = reference_lora(model, tokens, 16, luts, args)
     update_first = reference_lora(model, tokens, 16, luts, args, update_first=True)
     without = reference_lora(model, tokens, 16, luts, lora_args(ttt_lora_lr=0.0))
     assert update_first[0] < score_first[0] - 0.5  # memorized: the leak would be plain to see
     assert abs(score_first[0] - without[0]) > 0.01  # and the adapters do change the score
+    assert run_lora(model, tokens, 16, luts, args) == pytest.approx(score_first, rel=1e-5)
+
+
+@pytest.mark.parametrize("lora_lr", [0.0, 0.03])
+def test_lora_with_chunked_sgd_scores_each_chunks_documents_before_the_base_model_trains_on_it(lora_setup, lora_lr):
+    """TTT_EPOCHS > 0 with LoRA: the documents opening in chunk c are scored (each alone, with its own
+    adapters) by the base model trained on chunks 0..c-1 only; a base model memorizing what it trains on
+    shows any leak."""
+    model, tokens, luts = lora_setup
+    args = lora_args(ttt_epochs=2, ttt_lora_lr=lora_lr)
+    score_first = reference_lora(model, tokens, 16, luts, args)
+    update_first = reference_lora(model, tokens, 16, luts, args, update_first=True)
+    lora_only = reference_lora(model, tokens, 16, luts, lora_args(ttt_lora_lr=lora_lr))
+    assert update_first[0] < score_first[0] - 0.5
+    assert abs(score_first[0] - lora_only[0]) > 0.01  # the base model's SGD changes the score
     assert run_lora(model, tokens, 16, luts, args) == pytest.approx(score_first, rel=1e-5)
 
 

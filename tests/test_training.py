@@ -263,12 +263,15 @@ def test_two_processes_train_like_one(tiny_corpus, tmp_path):
 
 
 @pytest.mark.parametrize("settings,mode,detail", [
-    (dict(TTT_CHUNK_TOKENS=2048, TTT_BATCH_SEQS=8), "sliding+ttt", "seq_len 64 stride 32, chunks of 2048 tokens"),
-    (dict(TTT_LORA_RANK=2, TTT_LORA_CHUNK=16), "docs+lora", "seq_len 64, chunks of 16 tokens, rank 2"),
+    (dict(TTT_EPOCHS=1, TTT_CHUNK_TOKENS=2048, TTT_BATCH_SEQS=8), "sliding+ttt",
+     "seq_len 64 stride 32, chunks of 2048 tokens"),
+    (dict(TTT_LORA_RANK=2, TTT_LORA_CHUNK=16), "docs+lora", "seq_len 64, LoRA rank 2 on 16-token document chunks"),
+    (dict(TTT_EPOCHS=1, TTT_CHUNK_TOKENS=2048, TTT_BATCH_SEQS=8, TTT_LORA_RANK=2, TTT_LORA_CHUNK=16), "docs+lora+ttt",
+     "seq_len 64, chunks of 2048 tokens, LoRA rank 2 on 16-token document chunks"),
 ])
 def test_ttt_run_replaces_the_sliding_score_and_logs_its_time_split(tiny_corpus, tmp_path, settings, mode, detail):
     out = tmp_path / "out"
-    proc = run_script(tmp_path, **tiny_config(tiny_corpus, out, TTT_EPOCHS=1, **settings))
+    proc = run_script(tmp_path, **tiny_config(tiny_corpus, out, **settings))
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (out / "train.log").read_text()
     last = log.strip().splitlines()[-1]

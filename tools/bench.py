@@ -401,12 +401,9 @@ def run_score(a) -> None:
         model.load_state_dict(state)
         for p in model.parameters():
             p.requires_grad_(True)  # ttt_parameters froze the last variant's blocks
-        if args.ttt_lora_rank:  # per-document LoRA on the eager model, as the script runs it
-            mode, (loss, bpb, score_s, adapt_s) = "docs+lora", tg.evaluate_lora(model, val, seq_len, luts, args)
-        else:
-            params = tg.ttt_parameters(model, args.ttt_freeze_blocks)
-            mode, (loss, bpb, score_s, adapt_s) = "sliding+ttt", tg.evaluate_ttt(scorer, params, val, seq_len,
-                                                                                 args.eval_stride, luts, args)
+        params = tg.ttt_parameters(model, args.ttt_freeze_blocks)
+        loss, bpb, score_s, adapt_s = tg.evaluate_ttt(scorer, params, val, seq_len, args.eval_stride, luts, args, eager=model)
+        mode = ("docs+lora" if args.ttt_lora_rank else "sliding") + ("+ttt" if args.ttt_epochs else "")
         shown = " ".join(f"{k}={getattr(args, attr)}" for k, attr in TTT_KEYS.items())
         print(f"score {mode} {shown}: val_loss {loss:.4f} val_bpb {bpb:.5f}, scoring {score_s:.1f}s + "
               f"adaptation {adapt_s:.1f}s", flush=True)
@@ -445,7 +442,7 @@ def main() -> None:
     sc = sub.add_parser("score")
     sc.add_argument("--artifact", default="/tmp/proxy_out/final_model.ptz")
     sc.add_argument("--ttt", default="", help="TTT variants to try, ';'-separated, each KEY=VALUE,... with KEY in "
-                    + ", ".join(TTT_KEYS) + " (epochs must end up > 0; rank > 0: per-document LoRA)")
+                    + ", ".join(TTT_KEYS) + " (epochs > 0: chunked SGD of the model; rank > 0: per-document LoRA)")
     sc.add_argument("--no-baseline", action="store_true", help="skip the plain and sliding scores without TTT")
     a = ap.parse_args()
     {"score": run_score, "proxy": run_proxy, "train": run_train, "eval": run_eval, "attention": run_attention, "profile": run_profile, "step": run_step, "pack": run_pack, "compare": run_compare}[a.mode](a)
