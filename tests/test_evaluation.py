@@ -466,7 +466,7 @@ def run_ttt(model, tokens, seq_len, stride, luts, args, rank=0, world=1):
     """evaluate_ttt on a copy of the model: (loss, bpb), and the adapted copy."""
     model = copy.deepcopy(model)
     loss, bpb, score_s, adapt_s = tg.evaluate_ttt(model, list(model.parameters()), tokens, seq_len, stride, luts, args,
-                                                  rank, world)
+                                                  rank, world, eager=model)
     assert score_s > 0 and adapt_s >= 0
     return (loss, bpb), model
 
@@ -763,3 +763,18 @@ def test_doc_adapters_add_their_low_rank_deltas_per_document_at_each_site(lora_s
         torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5, msg=site)
         assert not torch.allclose(got[0], base[0], atol=1e-3), site
         torch.testing.assert_close(got[1], base[1], rtol=0, atol=0, msg=site)  # the other document: untouched
+
+
+@pytest.mark.parametrize("epochs", [0, 2])
+def test_lora_on_two_gloo_processes_matches_one_process(lora_setup, tmp_path, epochs):
+    """Two ranks take every other document of each chunk (longest first) and, with the chunked SGD, all-reduce
+    its gradients: the score is one process's, and both ranks end with its base model."""
+    model, tokens, luts = lora_setup
+    args = lora_args(ttt_epochs=epochs, ttt_lr=0.05, ttt_batch_seqs=3)
+    one, adapted = run_ttt(model, tokens, 16, 5, luts, args)
+    mp.spawn(ttt_rank, args=(2, tmp_path / "store", model, tokens, luts, args, tmp_path), nprocs=2, join=True)
+    for rank in range(2):
+        score, state = torch.load(tmp_path / f"rank{rank}.pt")
+        assert score == pytest.approx(one, rel=1e-6)
+        for name, p in adapted.state_dict().items():
+            torch.testing.assert_close(state[name], p, rtol=1e-5, atol=1e-6, msg=name)
