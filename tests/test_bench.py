@@ -42,3 +42,57 @@ def test_ttt_variants_override_only_the_named_settings_with_their_types():
     assert type(variants[1]["ttt_chunk_tokens"]) is int
     with pytest.raises(SystemExit, match="error: --ttt item 'rate=1'"):
         bench.ttt_variants("rate=1", Args())
+
+
+def test_proxy_variants_parse_into_one_run_each():
+    assert bench.proxy_variants("") == [{}]
+    assert bench.proxy_variants("XSA_LAST_N=0; ROPE_DIMS=0,LN_SCALE=0;") == [{"XSA_LAST_N": "0"},
+                                                                          {"ROPE_DIMS": "0", "LN_SCALE": "0"}]
+    with pytest.raises(SystemExit, match="error: --variants item 'XSA_LAST_N'"):
+        bench.proxy_variants("XSA_LAST_N")
+
+
+# Stands in for train_gpt.py: its Hyperparameters for the settings, and a run that writes the log lines the
+# summary reads, its val_bpb made from XSA_LAST_N and its GPU from CUDA_VISIBLE_DEVICES; XSA_LAST_N=5 fails.
+STUB_SCRIPT = '''
+import os, sys, time
+sys.path.insert(0, {root!r})
+from train_gpt import Hyperparameters, _SETTINGS
+if __name__ == "__main__":
+    xsa = int(os.environ.get("XSA_LAST_N", "11"))
+    if xsa == 5:
+        sys.exit(3)
+    start = time.time()
+    time.sleep(0.5)
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "none")
+    with open(os.path.join(os.environ["OUT_DIR"], "train.log"), "w") as f:
+        f.write(f"run x on vm: world_size=1 device=cuda:0 (GPU {{gpu}} {{os.environ['OUT_DIR']}} {{start}} {{time.time()}})\\n"
+                f"training: 10 steps in 1.0s (100.00ms/step), peak memory 1 GiB\\n"
+                f"final_score val_loss:3 val_bpb:{{1 + xsa / 100:.8f}} eval:sliding seq_len:2048 stride:64 bytes_total:5\\n")
+'''
+
+
+def test_proxy_runs_each_variant_on_a_free_gpu_in_its_own_folder_and_records_each(tmp_path, capsys):
+    from conftest import ROOT
+    script = tmp_path / "stub.py"
+    script.write_text(STUB_SCRIPT.format(root=str(ROOT)))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "fineweb_val_000000.bin").touch()  # shards already built
+    results = tmp_path / "results.md"
+    a = SimpleNamespace(script=str(script), variants="XSA_LAST_N=0;XSA_LAST_N=3;XSA_LAST_N=5;XSA_LAST_N=7", gpus=2,
+                        out=str(tmp_path / "out"), data=str(data), tokenizers=str(tmp_path), text=str(tmp_path), t=180.0,
+                        results=str(results))
+    with pytest.raises(SystemExit, match=r"error: 1 of 4 proxy runs failed: .*out/v2"):
+        bench.run_proxy(a)
+    rows = results.read_text().splitlines()
+    assert sorted(r.split(" | ")[2:4] for r in rows) == [["XSA_LAST_N=0", "1.00000000"], ["XSA_LAST_N=3", "1.03000000"],
+                                                         ["XSA_LAST_N=7", "1.07000000"]]
+    spans = []
+    for i in (0, 1, 3):
+        gpu, out, start, end = (tmp_path / "out" / f"v{i}" / "train.log").read_text().split("(GPU ")[1].split(")")[0].split()
+        assert gpu in ("0", "1") and out == str(tmp_path / "out" / f"v{i}")  # its own folder, a GPU of the two
+        spans.append((gpu, float(start), float(end)))
+    for g1, s1, e1 in spans:  # never two runs on one GPU at once
+        assert all(e1 <= s2 or e2 <= s1 for g2, s2, e2 in spans if g2 == g1 and (s2, e2) != (s1, e1))
+    assert "XSA_LAST_N=3: proxy val_bpb (T=180, 1xGPU" in capsys.readouterr().out

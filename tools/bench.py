@@ -8,7 +8,7 @@
   python3 tools/bench.py step [--steps 10]                                      # ms per bare training step
   python3 tools/bench.py pack                                                   # quantization (GPTQ) and packing: time, bytes
   python3 tools/bench.py compare A.log B.log                                    # per-step loss match
-  python3 tools/bench.py proxy [--t 180]                                        # quality on real text, 1 GPU
+  python3 tools/bench.py proxy [--t 180] [--variants "A=1;B=2" --gpus 8]       # quality on real text, 1 GPU a run
   python3 tools/bench.py score --artifact A.ptz [--ttt "lr=0.005;lr=0.01,chunk=8192"]  # re-score an artifact, TTT variants
 
 `proxy` measures quality (../shared/docs/proxy.md): it builds shards of the proxy's real English text
@@ -315,37 +315,94 @@ def proxy_summary(log: str) -> dict:
     return {k: m.group(1) if m else "?" for k, m in found.items()}
 
 
+def proxy_variants(spec: str) -> list[dict]:
+    """[{NAME: value}] from "XSA_LAST_N=0;ROPE_DIMS=0,LN_SCALE=0": one run per ';', each adding its settings
+    to the environment's (no spec: one run of the environment as it is)."""
+    variants = []
+    for text in (v.strip() for v in spec.split(";")):
+        items = [item.strip().partition("=") for item in text.split(",") if item.strip()]
+        if any(not name or not sep for name, sep, _ in items):
+            raise SystemExit(f"error: --variants item {text!r}: use NAME=VALUE,NAME=VALUE;...")
+        if items:
+            variants.append({name: value for name, _, value in items})
+    return variants or [{}]
+
+
+def variant_plan(script, a, variant: dict, out: Path) -> dict:
+    """The settings a variant changes, its environment under the protocol, and its shards, with the
+    environment's settings plus the variant's read by the script's own Hyperparameters."""
+    saved = dict(os.environ)
+    os.environ.update(variant)
+    try:
+        args = script.Hyperparameters()
+        changed = {k: os.environ[k] for k in script._SETTINGS if k in os.environ and k not in PROXY_SET}
+        tokenizer = Path(a.tokenizers) / f"fineweb_{args.vocab_size}_bpe.model"
+        data = Path(a.data or f"/tmp/proxy_sp{args.vocab_size}")
+        return dict(changed=changed, env=proxy_env(args, a.t, data, tokenizer, out), data=data, tokenizer=tokenizer, out=out)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def report_proxy(a, plan: dict, labelled: bool) -> None:
+    """The run's summary line, printed (after its settings if `labelled`) and appended to the results file
+    with its settings and commit."""
+    r = proxy_summary((plan["out"] / "train.log").read_text())
+    over = " OVER THE CAP" if r["bytes"] != "?" and int(r["bytes"].replace(",", "")) > 16_000_000 else ""
+    settings_text = " ".join(f"{k}={v}" for k, v in sorted(plan["changed"].items())) or "(defaults)"
+    line = (f"proxy val_bpb (T={a.t:g}, 1x{r['gpu']}): final {r['final']} (round trip, {r['mode']})  pre-quant {r['pre']}  "
+            f"quant cost {r['cost']}  steps {r['steps']}  ms/step {r['ms']}  artifact {r['bytes']} bytes{over}  eval {r['eval_s']}s")
+    print(f"{settings_text}: {line}" if labelled else line, flush=True)
+    commit = os.environ.get("PROXY_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                                               capture_output=True, text=True).stdout.strip() or "?"
+    with open(a.results, "a") as f:
+        f.write(f"| {time.strftime('%Y-%m-%d')} | {commit} | {settings_text} | {r['final']} | {r['pre']} | {r['cost']} | "
+                f"{r['steps']} | {r['ms']} | {r['bytes']}{over} | {r['gpu']}, T={a.t:g} |\n")
+
+
 def run_proxy(a) -> None:
-    """One proxy run: shards for the configured tokenizer (built once from the proxy text, then cached),
-    the script under the protocol, one summary line printed and appended to the results file."""
+    """Proxy runs, one per variant of --variants, each on its own GPU (--gpus at a time): shards for each
+    tokenizer (built once from the proxy text, then cached), the script under the protocol, one summary
+    line each, printed and appended to the results file. With several variants, each writes its log and
+    output under --out/vN."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("proxy_script", a.script)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    args = script.Hyperparameters()
-    changed = {k: os.environ[k] for k in script._SETTINGS if k in os.environ and k not in PROXY_SET}
-    tokenizer = Path(a.tokenizers) / f"fineweb_{args.vocab_size}_bpe.model"
-    data = Path(a.data or f"/tmp/proxy_sp{args.vocab_size}")
-    if not (data / "fineweb_val_000000.bin").exists():
-        from make_data import make_corpus_shards
-        t0 = time.time()
-        info = make_corpus_shards(str(Path(a.text) / "val.jsonl.xz"), str(Path(a.text) / "train.jsonl.xz"), str(tokenizer), str(data))
-        print(f"proxy shards in {time.time() - t0:.0f}s: {info}", flush=True)
-    out = Path(a.out)
+    variants = proxy_variants(a.variants)
+    outs = [Path(a.out)] if len(variants) == 1 else [Path(a.out) / f"v{i}" for i in range(len(variants))]
+    plans = [variant_plan(script, a, v, out) for v, out in zip(variants, outs)]
+    for plan in plans:
+        if not (plan["data"] / "fineweb_val_000000.bin").exists():
+            from make_data import make_corpus_shards
+            t0 = time.time()
+            info = make_corpus_shards(str(Path(a.text) / "val.jsonl.xz"), str(Path(a.text) / "train.jsonl.xz"),
+                                      str(plan["tokenizer"]), str(plan["data"]))
+            print(f"proxy shards in {time.time() - t0:.0f}s: {info}", flush=True)
     cmd = [sys.executable, str(a.script)]
-    print("running:", " ".join(f"{k}={v}" for k, v in changed.items()), *cmd, flush=True)
-    subprocess.run(cmd, env=proxy_env(args, a.t, data, tokenizer, out), check=True)
-    r = proxy_summary((out / "train.log").read_text())
-    over = " OVER THE CAP" if r["bytes"] != "?" and int(r["bytes"].replace(",", "")) > 16_000_000 else ""
-    line = (f"proxy val_bpb (T={a.t:g}, 1x{r['gpu']}): final {r['final']} (round trip, {r['mode']})  pre-quant {r['pre']}  "
-            f"quant cost {r['cost']}  steps {r['steps']}  ms/step {r['ms']}  artifact {r['bytes']} bytes{over}  eval {r['eval_s']}s")
-    print(line)
-    commit = os.environ.get("PROXY_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                                               capture_output=True, text=True).stdout.strip() or "?"
-    settings_text = " ".join(f"{k}={v}" for k, v in sorted(changed.items())) or "(defaults)"
-    with open(a.results, "a") as f:
-        f.write(f"| {time.strftime('%Y-%m-%d')} | {commit} | {settings_text} | {r['final']} | {r['pre']} | {r['cost']} | "
-                f"{r['steps']} | {r['ms']} | {r['bytes']}{over} | {r['gpu']}, T={a.t:g} |\n")
+    queue, running, failed = list(plans), {}, []
+    while queue or running:
+        for gpu in [g for g in range(a.gpus) if g not in running][: len(queue)]:
+            plan = queue.pop(0)
+            env = dict(plan["env"], CUDA_VISIBLE_DEVICES=str(gpu)) if a.gpus > 1 else plan["env"]
+            print(f"running on GPU {gpu}:", " ".join(f"{k}={v}" for k, v in plan["changed"].items()), *cmd, flush=True)
+            plan["out"].mkdir(parents=True, exist_ok=True)
+            stdout = open(plan["out"] / "stdout.txt", "w") if len(plans) > 1 else None  # interleaved otherwise
+            running[gpu] = (subprocess.Popen(cmd, env=env, stdout=stdout, stderr=subprocess.STDOUT if stdout else None),
+                            plan, stdout)
+        time.sleep(0.2)
+        for gpu, (proc, plan, stdout) in list(running.items()):
+            if proc.poll() is not None:
+                del running[gpu]
+                if stdout:
+                    stdout.close()
+                if proc.returncode:
+                    failed.append(plan["out"])
+                    print(f"error: the run in {plan['out']} exited with {proc.returncode}", flush=True)
+                else:
+                    report_proxy(a, plan, len(plans) > 1)
+    if failed:
+        raise SystemExit(f"error: {len(failed)} of {len(plans)} proxy runs failed: {', '.join(map(str, failed))}")
 
 
 TTT_KEYS = dict(lr="ttt_lr", chunk="ttt_chunk_tokens", epochs="ttt_epochs", batch="ttt_batch_seqs",
@@ -439,6 +496,9 @@ def main() -> None:
     x.add_argument("--out", default="/tmp/proxy_out")
     x.add_argument("--script", default=str(ROOT / "train_gpt.py"))
     x.add_argument("--results", default=str(ROOT / "benchmarks" / "proxy_results.md"))
+    x.add_argument("--variants", default="", help="runs to make, ';'-separated, each NAME=VALUE,... added to the "
+                   "environment's settings (none: one run)")
+    x.add_argument("--gpus", type=int, default=1, help="variants run at once, one per GPU (CUDA_VISIBLE_DEVICES)")
     sc = sub.add_parser("score")
     sc.add_argument("--artifact", default="/tmp/proxy_out/final_model.ptz")
     sc.add_argument("--ttt", default="", help="TTT variants to try, ';'-separated, each KEY=VALUE,... with KEY in "
