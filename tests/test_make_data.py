@@ -117,3 +117,15 @@ def test_corpus_shards_encode_each_document_as_bos_and_pieces_in_order(tmp_path,
         (path,) = shards(tmp_path / "out", split)
         want = [t for d in part for t in [tiny_sp.bos_id()] + tiny_sp.encode(d)]
         assert read_shard(path)[1].tolist() == want
+
+
+@pytest.mark.parametrize("empty", ["val", "train"])
+def test_corpus_shards_of_a_split_without_documents_stop_with_an_error_line(tmp_path, tiny_corpus, empty):
+    import json
+    import lzma
+    for split in ("val", "train"):
+        with lzma.open(tmp_path / f"{split}.jsonl.xz", "wt", encoding="utf-8") as f:
+            f.write("" if split == empty else json.dumps({"text": "Kalo miten rasu."}) + "\n")
+    with pytest.raises(SystemExit, match=rf"^error: .*{empty}\.jsonl\.xz holds no documents: the {empty} split would be empty"):
+        md.make_corpus_shards(str(tmp_path / "val.jsonl.xz"), str(tmp_path / "train.jsonl.xz"), tiny_corpus["tokenizer"],
+                              str(tmp_path / "out"), workers=1)

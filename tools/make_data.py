@@ -148,6 +148,8 @@ def make_corpus_shards(val_file: str, train_file: str, tokenizer: str, out_dir: 
     with ProcessPoolExecutor(workers) as pool:
         for split, path in (("val", val_file), ("train", train_file)):
             docs = read_jsonl_docs(path)
+            if not docs:
+                raise SystemExit(f"error: {path} holds no documents: the {split} split would be empty")
             step = -(-len(docs) // (4 * workers))
             parts = pool.map(_encode_slice, [(tokenizer, docs[i : i + step]) for i in range(0, len(docs), step)])
             tokens = np.concatenate(list(parts))
