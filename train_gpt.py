@@ -183,7 +183,7 @@ class Hyperparameters:
         self.skip_gates = env("SKIP_GATES", 1, one_of(0, 1))  # 1: U-Net skips enter through learned sigmoid gates
         self.loop_first = env("LOOP_FIRST", 3, at_least(0))  # depth recurrence: blocks LOOP_FIRST..LOOP_LAST run
         self.loop_last = env("LOOP_LAST", 5, at_least(0))
-        self.loop_repeats = env("LOOP_REPEATS", 0, at_least(0))  # ... this many extra times; 0: off (the proxy scored off better)
+        self.loop_repeats = env("LOOP_REPEATS", 0, at_least(0))  # ... this many extra times; 0: off (scored better)
         self.loop_start_frac = env("LOOP_START_FRAC", 0.35, between(0, 1))  # ... from this fraction of training on
 
         # Training length and batch.
@@ -234,8 +234,8 @@ class Hyperparameters:
         self.ttt_grad_clip = env("TTT_GRAD_CLIP", 1.0, at_least(0))  # 0: no clipping
         self.ttt_batch_seqs = env("TTT_BATCH_SEQS", 32, at_least(1))  # over all ranks
         self.ttt_freeze_blocks = env("TTT_FREEZE_BLOCKS", 0, at_least(0))
-        # > 0: instead of the chunked SGD above, each document scored alone with low-rank adapters of this rank,
-        # its own, trained by TTT_EPOCHS Adam steps on each chunk of TTT_LORA_CHUNK targets once it is scored.
+        # > 0: each document scored alone, with its own low-rank adapters of this rank taking one Adam step on each
+        # chunk of TTT_LORA_CHUNK targets once it is scored; the chunked SGD above runs too if TTT_EPOCHS > 0.
         self.ttt_lora_rank = env("TTT_LORA_RANK", 0, at_least(0))
         self.ttt_lora_lr = env("TTT_LORA_LR", 0.001, at_least(0))
         self.ttt_lora_chunk = env("TTT_LORA_CHUNK", 32, at_least(1))
@@ -736,7 +736,7 @@ def lora_sums(model, tokens: torch.Tensor, spans: list[tuple[int, int]], seq_len
             x, y = docs[:live, lo:hi], docs[:live, lo + 1 : hi + 1]
             target = torch.arange(lo + 1, hi + 1, device=device)
             scored = (target > k * chunk) & (target <= n_targets[:live, None])
-            with autocast(device):
+            with autocast(device), torch.set_grad_enabled(hi < lengths[0]):  # the last step trains nothing
                 losses = model(x, y, adapters)
             sums += torch.stack([losses.detach().double()[scored].sum(), scored.sum(), target_bytes(x, y, luts)[scored].sum()])
             t1 = sync_time(device)

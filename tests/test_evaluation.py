@@ -547,11 +547,8 @@ def ttt_rank(rank, world, init_file, model, tokens, luts, args, out_dir):
         dist.destroy_process_group()
 
 
-def test_ttt_on_two_gloo_processes_matches_one_process(eval_setup, tmp_path):
-    """Two ranks split each chunk's windows and each step's sequences (one rank holds none in some steps)
-    and all-reduce the gradients: the score is one process's, and both ranks end with its model."""
-    model, tokens, luts = eval_setup
-    args = ttt_args(ttt_lr=0.05, ttt_grad_clip=1.0, ttt_batch_seqs=3)
+def assert_two_gloo_ranks_match_one_process(model, tokens, luts, args, tmp_path):
+    """TTT on two gloo ranks gives one process's score, and both ranks end with its model."""
     one, adapted = run_ttt(model, tokens, 16, 5, luts, args)
     mp.spawn(ttt_rank, args=(2, tmp_path / "store", model, tokens, luts, args, tmp_path), nprocs=2, join=True)
     for rank in range(2):
@@ -559,6 +556,14 @@ def test_ttt_on_two_gloo_processes_matches_one_process(eval_setup, tmp_path):
         assert score == pytest.approx(one, rel=1e-6)
         for name, p in adapted.state_dict().items():
             torch.testing.assert_close(state[name], p, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_ttt_on_two_gloo_processes_matches_one_process(eval_setup, tmp_path):
+    """Two ranks split each chunk's windows and each step's sequences (one rank holds none in some steps)
+    and all-reduce the gradients: the score is one process's, and both ranks end with its model."""
+    model, tokens, luts = eval_setup
+    args = ttt_args(ttt_lr=0.05, ttt_grad_clip=1.0, ttt_batch_seqs=3)
+    assert_two_gloo_ranks_match_one_process(model, tokens, luts, args, tmp_path)
 
 
 # -- per-document LoRA TTT -------------------------------------------------------------------------
@@ -771,10 +776,4 @@ def test_lora_on_two_gloo_processes_matches_one_process(lora_setup, tmp_path, ep
     its gradients: the score is one process's, and both ranks end with its base model."""
     model, tokens, luts = lora_setup
     args = lora_args(ttt_epochs=epochs, ttt_lr=0.05, ttt_batch_seqs=3)
-    one, adapted = run_ttt(model, tokens, 16, 5, luts, args)
-    mp.spawn(ttt_rank, args=(2, tmp_path / "store", model, tokens, luts, args, tmp_path), nprocs=2, join=True)
-    for rank in range(2):
-        score, state = torch.load(tmp_path / f"rank{rank}.pt")
-        assert score == pytest.approx(one, rel=1e-6)
-        for name, p in adapted.state_dict().items():
-            torch.testing.assert_close(state[name], p, rtol=1e-5, atol=1e-6, msg=name)
+    assert_two_gloo_ranks_match_one_process(model, tokens, luts, args, tmp_path)
