@@ -1448,13 +1448,16 @@ def qk_norm_rotary(qkv: torch.Tensor, gain: torch.Tensor, cos: torch.Tensor, sin
 # Asking for it first changed no step time on torch 2.11, which likely picks it already; the order
 # says what we want on any version, and the others stay as fallbacks for shapes cuDNN does not take.
 SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# cuDNN builds a plan for each new shape. Per-document LoRA changes shape at nearly every step, so it asks
+# for flash first (see MLP.forward for the rest of that story).
+SDPA_ANY_SHAPE = SDPA_PRIORITY[1:]
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, priority=SDPA_PRIORITY) -> torch.Tensor:
     """Causal grouped-query attention on (batch, time, heads, head_dim) tensors."""
     if flash_attn_3 is not None and q.is_cuda and q.dtype != torch.float32:  # fp32: GPTQ's calibration
         return flash_attn_3(q, k, v, causal=True)
-    with sdpa_kernel(SDPA_PRIORITY, set_priority=True):
+    with sdpa_kernel(priority, set_priority=True):
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            is_causal=True, enable_gqa=k.size(2) != q.size(2))
     return y.transpose(1, 2)
@@ -1490,7 +1493,7 @@ class Attention(nn.Module):
         if lora is not None:
             qkv = qkv + lora("qkv", x)
         q, k, v = qk_norm_rotary(qkv, self.q_gain, self.cos, self.sin, self.heads)
-        y = causal_attention(q, k, v)
+        y = causal_attention(q, k, v, SDPA_PRIORITY if lora is None else SDPA_ANY_SHAPE)
         out = self.proj((exclusive(y, v) if self.xsa else y).reshape(b, t, d))
         return out if lora is None else out + lora("attn", x)
 
@@ -1612,10 +1615,13 @@ class MLP(nn.Module):
         self.fc = nn.Linear(dim, hidden, bias=False)
         self.proj = nn.Linear(hidden, dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, any_shape: bool = False) -> torch.Tensor:
+        """any_shape: the caller's shapes change at nearly every call (per-document LoRA). The Triton kernel's
+        loop bounds are compile-time constants that depend on the row count, so each new count compiles it
+        anew: on the proxy, LoRA's score took over 185 s with it and cuDNN attention, 109 s without both."""
         x = x.to(stream_dtype(x.device))  # what autocast's matmuls would take anyway
         # The Triton path also needs widths of whole 16-byte rows (for the TMA copy engine).
-        if triton_runs(x) and x.size(-1) % 8 == 0 and self.fc.out_features % 8 == 0:
+        if not any_shape and triton_runs(x) and x.size(-1) % 8 == 0 and self.fc.out_features % 8 == 0:
             up, down = self.fc.weight.to(x.dtype).t().contiguous(), self.proj.weight.to(x.dtype)
             return ActSquaredMLP.apply(x.flatten(0, -2), up, down, self.neg_slope).view(*x.shape[:-1], -1)
         return self.proj(act2_reference(self.fc(x), self.neg_slope).square())
@@ -1643,7 +1649,7 @@ class Block(nn.Module):
         x = mix[0] * x + mix[1] * x0
         a = self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, lora)
         h = rms_norm(x if self.parallel else x + a) * self.norm_scale
-        m = self.mlp(h) if lora is None else self.mlp(h) + lora("mlp", h)
+        m = self.mlp(h) if lora is None else self.mlp(h, any_shape=True) + lora("mlp", h)
         return x + a + self.mlp_scale.to(x.dtype) * m
 
 

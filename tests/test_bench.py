@@ -1,4 +1,5 @@
-"""tools/bench.py proxy: the protocol's settings and the summary it reads from a log."""
+"""tools/bench.py: the proxy protocol's settings, the summary it reads from a log, and `score` of an artifact."""
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -96,3 +97,25 @@ def test_proxy_runs_each_variant_on_a_free_gpu_in_its_own_folder_and_records_eac
     for g1, s1, e1 in spans:  # never two runs on one GPU at once
         assert all(e1 <= s2 or e2 <= s1 for g2, s2, e2 in spans if g2 == g1 and (s2, e2) != (s1, e1))
     assert "XSA_LAST_N=3: proxy val_bpb (T=180, 1xGPU" in capsys.readouterr().out
+
+
+def test_score_rescores_an_artifact_as_the_run_did_on_the_same_cut_split(tiny_corpus, tmp_path, monkeypatch, capsys):
+    """`score` on a run's artifact gives the run's own round-trip sliding score, VAL_TOKENS_LIMIT included."""
+    import train_gpt as tg
+    from test_training import SETTING_NAMES, run_script, tiny_config
+
+    settings = tiny_config(tiny_corpus, tmp_path / "out", VAL_TOKENS_LIMIT=3000)
+    proc = run_script(tmp_path, **settings)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_bpb = float(re.search(r"^final_score val_loss:\S+ val_bpb:(\S+) eval:sliding ",
+                              (tmp_path / "out" / "train.log").read_text(), re.M).group(1))
+    for name in SETTING_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in settings.items():
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.setattr(tg, "_SETTINGS", {})
+    capsys.readouterr()
+    bench.run_score(SimpleNamespace(artifact=str(tmp_path / "out" / "final_model.ptz"), ttt="", no_baseline=False))
+    out = capsys.readouterr().out
+    assert "the first 3,000 validation tokens only" in out
+    assert float(re.search(r"^score sliding: val_loss \S+ val_bpb (\S+) ", out, re.M).group(1)) == pytest.approx(run_bpb, abs=1e-5)

@@ -464,6 +464,40 @@ def test_mlp_negative_slope_lets_negative_pre_activations_through():
     assert (h < 0).any()
 
 
+def test_lora_forward_takes_kernels_that_do_not_specialize_on_shape(monkeypatch):
+    """Per-document LoRA changes shape at nearly every step: its forward must skip the Triton MLP (one
+    compile per row count) and put cuDNN attention (one plan per shape) last; the plain forward keeps both.
+    On the CPU the Triton MLP is replaced by a recorder and told it may run."""
+    seen = {"triton_mlp": 0, "priorities": []}
+
+    class RecordingMLP:
+        @staticmethod
+        def apply(x, up, down, slope):
+            seen["triton_mlp"] += 1
+            return tg.act2_reference(x @ up, slope).square() @ down.t()
+
+    def recording_sdpa_kernel(priority, **kw):
+        seen["priorities"].append(list(priority))
+        return real_sdpa_kernel(priority, **kw)
+
+    real_sdpa_kernel = tg.sdpa_kernel
+    monkeypatch.setattr(tg, "triton_runs", lambda x: True)
+    monkeypatch.setattr(tg, "qk_kernels_fit", lambda *a: False)  # the q/k kernels stay on their reference
+    monkeypatch.setattr(tg, "ActSquaredMLP", RecordingMLP)
+    monkeypatch.setattr(tg, "sdpa_kernel", recording_sdpa_kernel)
+    model = make_model(num_layers=3)
+    ids = random_ids(batch=2, seq=16)
+    with torch.no_grad():
+        model(ids[:, :-1], ids[:, 1:])
+        assert seen["triton_mlp"] == 3
+        assert len(seen["priorities"]) == 3 and all(p[0] == tg.SDPBackend.CUDNN_ATTENTION for p in seen["priorities"])
+        seen.update(triton_mlp=0, priorities=[])
+        model(ids[:, :-1], ids[:, 1:], tg.DocAdapters(model, 2, 2, 0))
+    assert seen["triton_mlp"] == 0
+    assert len(seen["priorities"]) == 3
+    assert all(p[0] == tg.SDPBackend.FLASH_ATTENTION and tg.SDPBackend.CUDNN_ATTENTION not in p for p in seen["priorities"])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or tg.triton is None, reason="the Triton kernels need a GPU")
 @pytest.mark.parametrize("slope", [0.0, 0.5])
 def test_act_squared_mlp_kernels_match_the_plain_path_on_the_gpu(slope):

@@ -440,8 +440,10 @@ def run_score(a) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sp = spm.SentencePieceProcessor(model_file=args.tokenizer_path)
     luts = tg.byte_luts(sp, args.vocab_size, device)
-    val = torch.from_numpy(tg.load_val_tokens(str(Path(args.data_path) / "fineweb_val_*.bin"), args.vocab_size, 0)
-                           .astype(np.int32)).to(device)
+    val = torch.from_numpy(tg.load_val_tokens(str(Path(args.data_path) / "fineweb_val_*.bin"), args.vocab_size,
+                                              args.val_tokens_limit).astype(np.int32)).to(device)
+    if args.val_tokens_limit:
+        print(f"score: the first {val.numel():,} validation tokens only (VAL_TOKENS_LIMIT), not comparable to the whole split")
     seq_len = args.eval_seq_len or args.train_seq_len
     state = tg.unpack_model(Path(a.artifact).read_bytes())
     model = tg.build_model(args, sp.bos_id()).to(device)

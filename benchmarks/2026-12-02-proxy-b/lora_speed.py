@@ -1,0 +1,77 @@
+"""Why per-document LoRA TTT was slow on the GPU, and what it scores when it is not.
+
+The whole-split LoRA score did not finish in about 185 s on an H200 (r12_score.txt). Two suspects, both
+costs paid per new shape, and LoRA's steps change shape at nearly every step (documents drop out, the
+window grows): the Triton MLP kernel, whose loop bounds are compile-time constants that depend on the
+number of rows (a compile per new value), and cuDNN attention, which builds a plan per shape. This script
+scores LoRA with either of each (monkeypatched), in its own process with its own Triton cache (set
+TRITON_CACHE_DIR per run). train_gpt.py now does what `--mlp plain --attention flash` does here, for the
+LoRA forward only.
+
+  python3 lora_speed.py --artifact final_model.ptz --mlp plain --attention flash --every 1 --passes 1
+  TTT_EPOCHS=3 python3 lora_speed.py ... --every 1 --passes 1   # through evaluate_ttt: docs+lora+ttt
+
+--every N scores every N-th document (longest first), for --passes passes (the first cold: compiles and
+plans included). A sample is a poor stand-in: a batch's step count is set by its longest document, so
+every 40th document still costs about half the whole split's steps (none of the sampled runs finished in
+60-75 s). Settings (DATA_PATH, TOKENIZER_PATH, TTT_LORA_*) come from the environment as for train_gpt.py.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+from torch.nn.attention import SDPBackend
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import train_gpt as tg  # noqa: E402
+
+
+def plain_mlp(self, x):
+    x = x.to(tg.stream_dtype(x.device))
+    return self.proj(tg.act2_reference(self.fc(x), self.neg_slope).square())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--artifact", required=True)
+    ap.add_argument("--mlp", choices=("triton", "plain"), default="triton")
+    ap.add_argument("--attention", choices=("cudnn", "flash"), default="cudnn")
+    ap.add_argument("--every", type=int, default=40)
+    ap.add_argument("--passes", type=int, default=2)
+    a = ap.parse_args()
+    if a.mlp == "plain":
+        tg.MLP.forward = plain_mlp
+    if a.attention == "flash":
+        tg.SDPA_PRIORITY = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    args = tg.Hyperparameters()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sp = spm.SentencePieceProcessor(model_file=args.tokenizer_path)
+    luts = tg.byte_luts(sp, args.vocab_size, device)
+    val = torch.from_numpy(tg.load_val_tokens(str(Path(args.data_path) / "fineweb_val_*.bin"), args.vocab_size, 0)
+                           .astype(np.int32)).to(device)
+    model = tg.build_model(args, sp.bos_id()).to(device)
+    model.load_state_dict(tg.unpack_model(Path(a.artifact).read_bytes()))
+    seq_len = args.eval_seq_len or args.train_seq_len
+    spans = sorted(tg.doc_spans(val.cpu().numpy(), sp.bos_id()), key=lambda s: s[0] - s[1])[:: a.every]
+    targets = sum(b - a_ for a_, b in spans)
+    for p in range(a.passes):
+        t0 = tg.sync_time(device)
+        if args.ttt_epochs:  # the chunked SGD of the base model too, as the script's evaluation runs it
+            scorer = torch.compile(model, dynamic=False) if args.compile else model
+            params = tg.ttt_parameters(model, args.ttt_freeze_blocks)
+            loss, bpb, score_s, adapt_s = tg.evaluate_ttt(scorer, params, val, seq_len, args.eval_stride, luts, args,
+                                                          eager=model)
+        else:
+            sums, score_s, adapt_s = tg.lora_sums(model, val, spans, seq_len, luts, args)
+            loss, bpb = tg.loss_and_bpb(sums)
+        print(f"epochs={args.ttt_epochs} mlp={a.mlp} attention={a.attention} every={a.every} docs={len(spans)} targets={targets} "
+              f"pass={p} ({'cold' if p == 0 else 'warm'}): {tg.sync_time(device) - t0:.1f}s "
+              f"(scoring {score_s:.1f}s + adaptation {adapt_s:.1f}s) val_bpb {bpb:.5f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
