@@ -708,15 +708,32 @@ class DocAdapters:
         return delta
 
 
+def device_mark(device: torch.device):
+    """A point in the device's queue of work, to time it without waiting for it: a recorded CUDA event, or on
+    the CPU (which runs each op as it is called) the host clock."""
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def seconds_between(a, b) -> float:
+    """Seconds from device_mark a to b (CUDA events once the GPU has passed b)."""
+    return b - a if isinstance(a, float) else a.elapsed_time(b) / 1000
+
+
 def lora_sums(model, tokens: torch.Tensor, spans: list[tuple[int, int]], seq_len: int, luts,
               args) -> tuple[torch.Tensor, float, float]:
     """Float64 (nats, targets, bytes) of the documents `spans`, longest first, scored by per-document LoRA
     TTT in batches of about EVAL_BATCH_SEQS x seq_len tokens, and the seconds of scoring and adaptation.
     Step k of a batch scores targets kC+1..(k+1)C of each document still running (C = TTT_LORA_CHUNK), on
-    inputs from (k+1)C - seq_len on (at most seq_len of them), then trains the adapters on them."""
+    inputs from (k+1)C - seq_len on (at most seq_len of them), then trains the adapters on them. Nothing in
+    a step waits for the GPU (no host sync), so the host queues the next step while the GPU runs this one:
+    a step's many small kernels would otherwise leave the GPU idle for most of it."""
     device, chunk = tokens.device, args.ttt_lora_chunk
     sums = torch.zeros(3, dtype=torch.float64, device=device)
-    score_s = adapt_s = 0.0
+    marks = []  # (before scoring, after scoring, after adaptation) of each step
     i = 0
     while i < len(spans):
         batch = spans[i : i + max(1, args.eval_batch_seqs * seq_len // min(spans[i][1] - spans[i][0], seq_len))]
@@ -729,24 +746,24 @@ def lora_sums(model, tokens: torch.Tensor, spans: list[tuple[int, int]], seq_len
         adapters = DocAdapters(model, len(batch), args.ttt_lora_rank, args.seed)
         opt = torch.optim.Adam(adapters.parameters(), lr=args.ttt_lora_lr, betas=(0.0, 0.999))
         for k in range(math.ceil(lengths[0] / chunk)):
-            t0 = sync_time(device)
+            t0 = device_mark(device)
             live = sum(n > k * chunk for n in lengths)  # the documents not yet done: a prefix
             hi = min((k + 1) * chunk, lengths[0])
             lo = max(0, (k + 1) * chunk - seq_len)  # the same for every document, whatever its length
-            x, y = docs[:live, lo:hi], docs[:live, lo + 1 : hi + 1]
-            target = torch.arange(lo + 1, hi + 1, device=device)
-            scored = (target > k * chunk) & (target <= n_targets[:live, None])
+            prev, y = docs[:live, k * chunk : hi], docs[:live, k * chunk + 1 : hi + 1]  # this step's targets
+            scored = torch.arange(k * chunk + 1, hi + 1, device=device) <= n_targets[:live, None]
             with autocast(device), torch.set_grad_enabled(hi < lengths[0]):  # the last step trains nothing
-                losses = model(x, y, adapters)
-            sums += torch.stack([losses.detach().double()[scored].sum(), scored.sum(), target_bytes(x, y, luts)[scored].sum()])
-            t1 = sync_time(device)
-            score_s += t1 - t0
+                losses = model(docs[:live, lo:hi], y, adapters) * scored
+            sums += torch.stack([losses.detach().double().sum(), scored.sum(), (target_bytes(prev, y, luts) * scored).sum()])
+            t1 = device_mark(device)
             if hi < lengths[0]:  # scored first, trained after (the base model's weights take no gradient)
                 opt.zero_grad()
-                losses[scored].sum().backward(inputs=adapters.parameters())
+                losses.sum().backward(inputs=adapters.parameters())
                 opt.step()
-            adapt_s += sync_time(device) - t1
-    return sums, score_s, adapt_s
+            marks.append((t0, t1, device_mark(device)))
+    sync_time(device)
+    return (sums, sum(seconds_between(t0, t1) for t0, t1, _ in marks),
+            sum(seconds_between(t1, t2) for _, t1, t2 in marks))
 
 
 def evaluate_ttt(model, params: list[nn.Parameter], tokens: torch.Tensor, seq_len: int, stride: int, luts, args,
@@ -1741,8 +1758,9 @@ class GPT(nn.Module):
         return torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor, lora: DocAdapters | None = None) -> torch.Tensor:
-        """Per-token cross-entropy in nats, shape of targets; with `lora`, each sequence is a document with
-        its own adapters."""
+        """Per-token cross-entropy in nats, shape of targets, which are those of the last targets.size(1)
+        positions of ids (all but in LoRA TTT, whose steps score only a chunk at the end of their context:
+        the head and its loss skip the rest); with `lora`, each sequence is a document with its own adapters."""
         starts = ids == self.bos_id
         starts[:, 0] = True
         x = self.tok_emb(ids).to(stream_dtype(ids.device))
@@ -1759,7 +1777,7 @@ class GPT(nn.Module):
             x = self.blocks[i](x, x0, None if lora is None else lora.at(pos))
             if pos < encoder:
                 skips.append(x)
-        h = self.head_input(rms_norm(x))
+        h = self.head_input(rms_norm(x[:, x.size(1) - targets.size(1) :]))
         logits = self.head_logits(h, None if lora is None else lora.at(None))
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
