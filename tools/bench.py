@@ -461,11 +461,14 @@ def run_score(a) -> None:
         for p in model.parameters():
             p.requires_grad_(True)  # ttt_parameters froze the last variant's blocks
         params = tg.ttt_parameters(model, args.ttt_freeze_blocks)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         loss, bpb, score_s, adapt_s = tg.evaluate_ttt(scorer, params, val, seq_len, args.eval_stride, luts, args, eager=model)
         mode = ("docs+lora" if args.ttt_lora_rank else "sliding") + ("+ttt" if args.ttt_epochs else "")
         shown = " ".join(f"{k}={getattr(args, attr)}" for k, attr in TTT_KEYS.items())
+        peak = f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
         print(f"score {mode} {shown}: val_loss {loss:.4f} val_bpb {bpb:.5f}, scoring {score_s:.1f}s + "
-              f"adaptation {adapt_s:.1f}s", flush=True)
+              f"adaptation {adapt_s:.1f}s{peak}", flush=True)
 
 
 def main() -> None:
