@@ -1761,6 +1761,13 @@ class GPT(nn.Module):
         """Per-token cross-entropy in nats, shape of targets, which are those of the last targets.size(1)
         positions of ids (all but in LoRA TTT, whose steps score only a chunk at the end of their context:
         the head and its loss skip the rest); with `lora`, each sequence is a document with its own adapters."""
+        x = self.last_hidden(ids, lora)
+        h = self.head_input(rms_norm(x[:, x.size(1) - targets.size(1) :]))
+        logits = self.head_logits(h, None if lora is None else lora.at(None))
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+
+    def last_hidden(self, ids: torch.Tensor, lora: DocAdapters | None = None) -> torch.Tensor:
+        """The last block's output at every position, before the final norm."""
         starts = ids == self.bos_id
         starts[:, 0] = True
         x = self.tok_emb(ids).to(stream_dtype(ids.device))
@@ -1777,9 +1784,7 @@ class GPT(nn.Module):
             x = self.blocks[i](x, x0, None if lora is None else lora.at(pos))
             if pos < encoder:
                 skips.append(x)
-        h = self.head_input(rms_norm(x[:, x.size(1) - targets.size(1) :]))
-        logits = self.head_logits(h, None if lora is None else lora.at(None))
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+        return x
 
     def head_logits(self, h: torch.Tensor, lora=None) -> torch.Tensor:
         """Soft-capped fp32 logits of the tied head from its (normed) input (plus a DocAdapters delta)."""
