@@ -18,12 +18,13 @@ needs fixed shapes and fixed addresses. So this scores exactly what train_gpt.lo
   thrown away with the batch's adapters, so the scores are the same).
 
 On the CPU there are no graphs: the same padded step runs eagerly, which checks the padding, the masks, the
-bucket copies and the hand-written Adam against lora_sums (--check). On the GPU, --graphs captures one
+bucket copies and the hand-written Adam against lora_sums (check_lora_graphs.py; --check on the GPU). On the GPU, --graphs captures one
 graph per (rows, window) bucket, all in one memory pool: nothing a graph allocates outlives its replay
 (inputs, adapters, Adam state and sums are allocated outside the captures), so any replay order is safe.
 
   python3 lora_graphs.py --artifact final_model.ptz --check 40          # every 40th document, both ways
   python3 lora_graphs.py --artifact final_model.ptz --graphs            # the whole split, graphed
+  TTT_EPOCHS=3 python3 lora_graphs.py --artifact final_model.ptz --graphs   # docs+lora+ttt, graphed
 Settings (DATA_PATH, TOKENIZER_PATH, TTT_LORA_*, EVAL_*) come from the environment as for train_gpt.py.
 """
 import argparse
@@ -122,68 +123,87 @@ class PaddedStep:
         self.graph.replay() if self.graph is not None else self()
 
 
-def padded_lora_sums(model, tokens: torch.Tensor, spans: list[tuple[int, int]], seq_len: int, luts, args,
-                     graphs: bool) -> tuple[torch.Tensor, dict]:
-    """lora_sums' (nats, targets, bytes) by padded steps (replayed graphs with `graphs`), and counts."""
-    device, chunk = tokens.device, args.ttt_lora_chunk
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    t_sqrt = torch.ones((), device=device)
-    buckets, steps, pool = {}, {}, (torch.cuda.graph_pool_handle() if graphs else None)
-    stats = dict(steps=0, captured=0, padded_token_passes=0, token_passes=0)
-    i = 0
-    while i < len(spans):
-        batch = spans[i : i + max(1, args.eval_batch_seqs * seq_len // min(spans[i][1] - spans[i][0], seq_len))]
-        i += len(batch)
-        lengths = [b - a for a, b in batch]
-        top = bucket(len(batch), 1 << 30)
-        n_targets = torch.tensor(lengths + [0] * (top - len(batch)), device=device)  # padded rows score nothing
-        docs = torch.zeros(top, lengths[0] + 1 + seq_len, dtype=torch.long, device=device)
-        for d, (a, b) in enumerate(batch):
-            docs[d, : b - a + 1] = tokens[a : b + 1]
-        rows_now = None
-        for k in range(math.ceil(lengths[0] / chunk)):
-            live = sum(n > k * chunk for n in lengths)
-            hi = min((k + 1) * chunk, lengths[0])
-            lo = max(0, (k + 1) * chunk - seq_len)
-            rows, window = bucket(live, top), bucket((k + 1) * chunk - lo, seq_len)  # room for a whole chunk
-            if rows not in buckets:
-                buckets[rows] = RowBucket(model, rows, args)
-            if rows_now is None:
-                buckets[rows].reset()
-            elif rows != rows_now:
-                buckets[rows].take(buckets[rows_now], rows)
-            rows_now = rows
-            step = steps.get((rows, window))
-            if step is None:
-                step = steps[rows, window] = PaddedStep(model, buckets[rows], rows, window, chunk, luts, sums, t_sqrt,
-                                                        args.ttt_lora_lr)
-                if graphs:
-                    step.capture(pool)
-                    stats["captured"] += 1
-            first = k * chunk  # the chunk's targets: first + 1 .. first + chunk, those up to the document's end scored
-            target = torch.arange(first + 1, first + chunk + 1, device=device)
-            step.ids.copy_(docs[:rows, lo : lo + window])
-            step.pos.copy_(target - lo - 1)  # the window position whose next token is the target
-            step.prev.copy_(docs[:rows, first : first + chunk])
-            step.targets.copy_(docs[:rows, first + 1 : first + chunk + 1])
-            step.mask.copy_(target <= n_targets[:rows, None])
-            t_sqrt.fill_(math.sqrt(1 - BETA2 ** (k + 1)))
-            step.run()
-            stats["steps"] += 1
-            stats["padded_token_passes"] += rows * window
-            stats["token_passes"] += live * (hi - lo)
-    return sums, stats
+class PaddedLora:
+    """lora_sums by padded steps (replayed from graphs with `graphs`). Buckets, graphs and their buffers persist
+    from call to call, so that the chunked SGD's calls (docs+lora+ttt, one per TTT chunk) reuse them: the
+    base model's updates are in place, so the graphs read the new weights."""
+
+    def __init__(self, model, device: torch.device, args, graphs: bool):
+        self.model, self.args, self.graphs = model, args, graphs
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.t_sqrt = torch.ones((), device=device)
+        self.buckets, self.steps = {}, {}
+        self.pool = torch.cuda.graph_pool_handle() if graphs else None
+        self.stats = dict(steps=0, captured=0, padded_token_passes=0, token_passes=0)
+
+    def step_for(self, rows: int, window: int, luts) -> PaddedStep:
+        if rows not in self.buckets:
+            self.buckets[rows] = RowBucket(self.model, rows, self.args)
+        step = self.steps.get((rows, window))
+        if step is None:
+            step = self.steps[rows, window] = PaddedStep(self.model, self.buckets[rows], rows, window,
+                                                         self.args.ttt_lora_chunk, luts, self.sums, self.t_sqrt,
+                                                         self.args.ttt_lora_lr)
+            if self.graphs:
+                step.capture(self.pool)
+                self.stats["captured"] += 1
+        return step
+
+    def __call__(self, model, tokens: torch.Tensor, spans: list[tuple[int, int]], seq_len: int, luts,
+                 args) -> tuple[torch.Tensor, float, float]:
+        """lora_sums' signature and results; all the time is given as scoring (the steps are not split)."""
+        assert model is self.model and args is self.args
+        device, chunk = tokens.device, args.ttt_lora_chunk
+        t0 = tg.sync_time(device)
+        self.sums.zero_()
+        i = 0
+        while i < len(spans):
+            batch = spans[i : i + max(1, args.eval_batch_seqs * seq_len // min(spans[i][1] - spans[i][0], seq_len))]
+            i += len(batch)
+            lengths = [b - a for a, b in batch]
+            top = bucket(len(batch), 1 << 30)
+            n_targets = torch.tensor(lengths + [0] * (top - len(batch)), device=device)  # padded rows score nothing
+            docs = torch.zeros(top, lengths[0] + 1 + seq_len, dtype=torch.long, device=device)
+            for d, (a, b) in enumerate(batch):
+                docs[d, : b - a + 1] = tokens[a : b + 1]
+            rows_now = None
+            for k in range(math.ceil(lengths[0] / chunk)):
+                live = sum(n > k * chunk for n in lengths)
+                hi = min((k + 1) * chunk, lengths[0])
+                lo = max(0, (k + 1) * chunk - seq_len)
+                rows, window = bucket(live, top), bucket((k + 1) * chunk - lo, seq_len)  # room for a whole chunk
+                step = self.step_for(rows, window, luts)
+                if rows_now is None:
+                    self.buckets[rows].reset()
+                elif rows != rows_now:
+                    self.buckets[rows].take(self.buckets[rows_now], rows)
+                rows_now = rows
+                first = k * chunk  # the chunk's targets: first + 1 .. first + chunk, those up to the document's end scored
+                target = torch.arange(first + 1, first + chunk + 1, device=device)
+                step.ids.copy_(docs[:rows, lo : lo + window])
+                step.pos.copy_(target - lo - 1)  # the window position whose next token is the target
+                step.prev.copy_(docs[:rows, first : first + chunk])
+                step.targets.copy_(docs[:rows, first + 1 : first + chunk + 1])
+                step.mask.copy_(target <= n_targets[:rows, None])
+                self.t_sqrt.fill_(math.sqrt(1 - BETA2 ** (k + 1)))
+                step.run()
+                self.stats["steps"] += 1
+                self.stats["padded_token_passes"] += rows * window
+                self.stats["token_passes"] += live * (hi - lo)
+        return self.sums.clone(), tg.sync_time(device) - t0, 0.0
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--artifact", required=True)
-    ap.add_argument("--every", type=int, default=1, help="score every N-th document (longest first)")
+    ap.add_argument("--every", type=int, default=1, help="score every N-th document (longest first; LoRA alone)")
     ap.add_argument("--graphs", action="store_true", help="replay each step from a CUDA graph (GPU only)")
     ap.add_argument("--check", type=int, default=0,
                     help="N > 0: every N-th document by lora_sums and by the padded steps (graphed with --graphs)")
     a = ap.parse_args()
     args = tg.Hyperparameters()
+    if a.check and args.ttt_epochs:
+        raise SystemExit("error: --check compares LoRA alone: set TTT_EPOCHS=0")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sp = spm.SentencePieceProcessor(model_file=args.tokenizer_path)
     luts = tg.byte_luts(sp, args.vocab_size, device)
@@ -191,8 +211,6 @@ def main() -> None:
                                               args.val_tokens_limit).astype(np.int32)).to(device)
     model = tg.build_model(args, sp.bos_id()).to(device)
     model.load_state_dict(tg.unpack_model(Path(a.artifact).read_bytes()))
-    for p in model.parameters():
-        p.requires_grad_(False)  # the adapters alone take gradients
     seq_len = args.eval_seq_len or args.train_seq_len
     spans = sorted(tg.doc_spans(val.cpu().numpy(), sp.bos_id()), key=lambda s: s[0] - s[1])[:: a.check or a.every]
     if a.check:
@@ -200,12 +218,21 @@ def main() -> None:
         ref, _, _ = tg.lora_sums(model, val, spans, seq_len, luts, args)
         print(f"lora_sums: val_bpb {tg.loss_and_bpb(ref)[1]:.6f} in {tg.sync_time(device) - t0:.1f}s "
               f"({len(spans)} documents)", flush=True)
+    runner = PaddedLora(model, device, args, a.graphs)
     t0 = tg.sync_time(device)
-    sums, stats = padded_lora_sums(model, val, spans, seq_len, luts, args, a.graphs)
+    if args.ttt_epochs:  # docs+lora+ttt: the chunked SGD of the base model between the calls, as the script runs it
+        scorer = torch.compile(model, dynamic=False) if args.compile else model
+        tg.lora_sums = runner
+        _, bpb, _, adapt_s = tg.evaluate_ttt(scorer, tg.ttt_parameters(model, args.ttt_freeze_blocks), val, seq_len,
+                                             args.eval_stride, luts, args, eager=model)
+        how = f"docs+lora+ttt, SGD {adapt_s:.1f}s"
+    else:
+        sums, _, _ = runner(model, val, spans, seq_len, luts, args)
+        bpb, how = tg.loss_and_bpb(sums)[1], "docs+lora"
     seconds = tg.sync_time(device) - t0
     peak = f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
-    print(f"padded{' graphed' if a.graphs else ''}: val_bpb {tg.loss_and_bpb(sums)[1]:.6f} in {seconds:.1f}s "
-          f"({len(spans)} documents, {stats}{peak})", flush=True)
+    print(f"padded{' graphed' if a.graphs else ''} {how}: val_bpb {bpb:.6f} in {seconds:.1f}s "
+          f"({len(spans)} documents, {runner.stats}{peak})", flush=True)
     if a.check:
         print(f"sums: lora_sums {ref.tolist()}, padded {sums.tolist()}", flush=True)
 
