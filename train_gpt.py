@@ -2151,9 +2151,11 @@ def train_and_score(args: Hyperparameters, rank: int, world: int, device: torch.
         how += [f"LoRA rank {args.ttt_lora_rank} on {args.ttt_lora_chunk}-token document chunks"] if args.ttt_lora_rank else []
         log(f"round trip: val_loss:{q_loss:.4f} val_bpb:{q_bpb:.4f} ({mode}, {', '.join(how)})")
         # Both parts split over ranks (windows or documents, and each step's sequences), so 8 GPUs take about
-        # world/8 of the time; chunked SGD less well, as its all-reduces do not shrink and its per-GPU batches do.
+        # world/8 of the time; chunked SGD less well, as its all-reduces do not shrink and its per-GPU batches do;
+        # LoRA less well too, as a batch takes as many steps as its longest document has chunks.
+        more = "LoRA: more, a rank waits for its longest documents" if args.ttt_lora_rank else "adaptation likely more"
         log(f"ttt time on {world} rank(s): scoring {score_s:.1f}s + adaptation {adapt_s:.1f}s; on 8 GPUs about "
-            f"{score_s * world / 8:.1f}s + {adapt_s * world / 8:.1f}s (linear in ranks; adaptation likely more)")
+            f"{score_s * world / 8:.1f}s + {adapt_s * world / 8:.1f}s (linear in ranks; {more})")
     elif args.eval_stride:
         q_loss, q_bpb = evaluate(scorer, val_tokens, eval_seq_len, args.eval_stride, args.eval_batch_seqs, luts, rank, world)
         log(f"round trip: val_loss:{q_loss:.4f} val_bpb:{q_bpb:.4f} (sliding, seq_len {eval_seq_len} stride {args.eval_stride})")

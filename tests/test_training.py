@@ -280,7 +280,8 @@ def test_ttt_run_replaces_the_sliding_score_and_logs_its_time_split(tiny_corpus,
     assert 0 < float(match.group(2)) < 10
     assert "(sliding, seq_len" not in log  # no separate sliding pass
     assert re.search(rf"^round trip: .* \({re.escape(mode)}, {detail}\)$", log, re.M)
-    assert re.search(r"^ttt time on 1 rank\(s\): scoring \d+\.\ds \+ adaptation \d+\.\ds; on 8 GPUs about ", log, re.M)
+    times = re.search(r"^ttt time on 1 rank\(s\): scoring \d+\.\ds \+ adaptation \d+\.\ds; on 8 GPUs about .*$", log, re.M)
+    assert times and ("LoRA: more, a rank waits for its longest documents" in times[0]) == ("lora" in mode)
     sub = json.loads((out / "submission.json").read_text())
     assert sub["val_bpb"] == pytest.approx(float(match.group(2)), abs=1e-8)
     assert f"{mode} eval" in sub["blurb"]
