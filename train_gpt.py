@@ -237,7 +237,7 @@ class Hyperparameters:
         # > 0: each document scored alone, with its own low-rank adapters of this rank taking one Adam step on each
         # chunk of TTT_LORA_CHUNK targets once it is scored; the chunked SGD above runs too if TTT_EPOCHS > 0.
         self.ttt_lora_rank = env("TTT_LORA_RANK", 0, at_least(0))
-        self.ttt_lora_lr = env("TTT_LORA_LR", 0.0005, at_least(0))  # best at rank 16; the best LR goes about as 1/rank
+        self.ttt_lora_lr = env("TTT_LORA_LR", 0.0005, at_least(0))  # for rank 16; the best LR went about as 1/rank
         self.ttt_lora_chunk = env("TTT_LORA_CHUNK", 32, at_least(1))
 
         # Compression and the submission.
@@ -730,7 +730,7 @@ def lora_sums(model, tokens: torch.Tensor, spans: list[tuple[int, int]], seq_len
     Step k of a batch scores targets kC+1..(k+1)C of each document still running (C = TTT_LORA_CHUNK), on
     inputs from (k+1)C - seq_len on (at most seq_len of them), then trains the adapters on them. Nothing in
     a step waits for the GPU (no host sync), so the host can queue the next step while the GPU runs this
-    one; the host's launches, about 1,400 a step, still set the pace."""
+    one; the host's launches, about 1,700 a step on the proxy, still set the pace."""
     device, chunk = tokens.device, args.ttt_lora_chunk
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     marks = []  # (before scoring, after scoring, after adaptation) of each step
@@ -1822,32 +1822,22 @@ def accumulate_gradients(model: nn.Module, batches, micro_steps: int, device: to
 
 
 class StepClock:
-    """Milliseconds of training at marks in the GPU's queue (CUDA events), so the end of one step can be read
-    while the next is queued; the host clock on the CPU. restart() continues from a given time after a
-    pause that is not training (validation)."""
+    """Milliseconds of training at device_marks, so the end of one step can be read while the next is queued.
+    restart() continues from a given time after a pause that is not training (validation)."""
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+        self.device = device
         self.restart(0.0)
 
     def restart(self, ms: float) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.base_ms, self.start = ms, self.mark()
-
-    def mark(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
+        sync_time(self.device)
+        self.base_ms, self.start = ms, device_mark(self.device)
 
     def ms(self, mark) -> float:
         """The time at the mark, once the GPU has reached it."""
-        if not self.cuda:
-            return self.base_ms + 1000 * (mark - self.start)
-        mark.synchronize()
-        return self.base_ms + self.start.elapsed_time(mark)
+        if not isinstance(mark, float):
+            mark.synchronize()
+        return self.base_ms + 1000 * seconds_between(self.start, mark)
 
 
 class Logger:
@@ -2061,7 +2051,7 @@ def train_and_score(args: Hyperparameters, rank: int, world: int, device: torch.
         if world > 1:  # the whole batch's loss, as one process would log it
             dist.all_reduce(loss)
             loss /= world
-        queued = (step, lr_mul, loss.to("cpu", non_blocking=True), clock.mark())
+        queued = (step, lr_mul, loss.to("cpu", non_blocking=True), device_mark(device))
         if in_flight:
             before_ms, train_ms = train_ms, finish(*in_flight, last=False)
             step_ms = train_ms - before_ms

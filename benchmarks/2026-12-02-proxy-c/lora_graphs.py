@@ -1,7 +1,7 @@
 """A prototype: per-document LoRA TTT with each step replayed from a CUDA graph, to take the host out of it.
 
-The profile of 2026-12-02 (r12_profile.txt) found a LoRA step bound by the host: about 80 ms issuing some
-1,400 small kernels for about 20 ms of GPU work. A CUDA graph replays a captured step with one launch, but
+The profile of 2026-12-02 (r12_profile.txt) found a LoRA step bound by the host: about 85 ms issuing some
+1,700 small kernels for about 20 ms of GPU work. A CUDA graph replays a captured step with one launch, but
 needs fixed shapes and fixed addresses. So this scores exactly what train_gpt.lora_sums scores, with:
 - shapes in buckets: a step's documents padded to a power of two of rows, its window (the document's
   inputs lo..hi) padded on the right to a power of two of positions (at most seq_len). Padding on the
