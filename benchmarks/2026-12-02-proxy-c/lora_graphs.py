@@ -9,6 +9,10 @@ needs fixed shapes and fixed addresses. So this scores exactly what train_gpt.lo
   positions out of the sums and the gradients.
 - the head and the loss on the step's chunk only: GPT.last_hidden, then the head at the chunk's window
   positions, passed as a device tensor (GPT.forward reads the last positions, which padding moves).
+- documents per batch: the largest power of two whose padded rows x window (the window its longest document
+  reaches) fit EVAL_BATCH_SEQS x seq_len token-passes, where lora_sums counts them unpadded; padding would
+  otherwise ask up to four times the memory (the whole split ran out of the H200's 140 GB on 2026-12-02).
+  Documents are independent (each its own adapters, Adam elementwise), so the grouping leaves every score.
 - one set of adapters per row bucket (allocated once, reset in place for each batch); when a batch's
   documents fall to a smaller bucket, the survivors' adapters and Adam state are copied down.
 - Adam (beta1 0, as lora_sums uses it) written out so it runs inside the graph on the bucket's tensors.
@@ -134,7 +138,7 @@ class PaddedLora:
         self.t_sqrt = torch.ones((), device=device)
         self.buckets, self.steps = {}, {}
         self.pool = torch.cuda.graph_pool_handle() if graphs else None
-        self.stats = dict(steps=0, captured=0, padded_token_passes=0, token_passes=0)
+        self.stats = dict(steps=0, captured=0, capture_s=0.0, padded_token_passes=0, token_passes=0)
 
     def step_for(self, rows: int, window: int, luts) -> PaddedStep:
         if rows not in self.buckets:
@@ -145,8 +149,10 @@ class PaddedLora:
                                                          self.args.ttt_lora_chunk, luts, self.sums, self.t_sqrt,
                                                          self.args.ttt_lora_lr)
             if self.graphs:
+                t0 = tg.sync_time(self.sums.device)
                 step.capture(self.pool)
                 self.stats["captured"] += 1
+                self.stats["capture_s"] += tg.sync_time(self.sums.device) - t0
         return step
 
     def __call__(self, model, tokens: torch.Tensor, spans: list[tuple[int, int]], seq_len: int, luts,
@@ -158,7 +164,9 @@ class PaddedLora:
         self.sums.zero_()
         i = 0
         while i < len(spans):
-            batch = spans[i : i + max(1, args.eval_batch_seqs * seq_len // min(spans[i][1] - spans[i][0], seq_len))]
+            longest = spans[i][1] - spans[i][0]
+            room = args.eval_batch_seqs * seq_len // bucket(min(math.ceil(longest / chunk) * chunk, seq_len), seq_len)
+            batch = spans[i : i + (1 << (room.bit_length() - 1))]  # room >= EVAL_BATCH_SEQS >= 1
             i += len(batch)
             lengths = [b - a for a, b in batch]
             top = bucket(len(batch), 1 << 30)
