@@ -708,62 +708,154 @@ class DocAdapters:
         return delta
 
 
-def device_mark(device: torch.device):
-    """A point in the device's queue of work, to time it without waiting for it: a recorded CUDA event, or on
-    the CPU (which runs each op as it is called) the host clock."""
-    if device.type != "cuda":
-        return time.perf_counter()
-    event = torch.cuda.Event(enable_timing=True)
-    event.record()
-    return event
+LORA_BETA2, LORA_EPS = 0.999, 1e-8  # the adapters' Adam (torch.optim.Adam's defaults), with beta1 0
 
 
-def seconds_between(a, b) -> float:
-    """Seconds from device_mark a to b (CUDA events once the GPU has passed b)."""
-    return b - a if isinstance(a, float) else a.elapsed_time(b) / 1000
+def pow2_bucket(n: int, cap: int) -> int:
+    """The power of two at or above n, at most cap."""
+    return min(1 << (n - 1).bit_length(), cap)
 
 
-def lora_sums(model, tokens: torch.Tensor, spans: list[tuple[int, int]], seq_len: int, luts,
-              args) -> tuple[torch.Tensor, float, float]:
-    """Float64 (nats, targets, bytes) of the documents `spans`, longest first, scored by per-document LoRA
-    TTT in batches of about EVAL_BATCH_SEQS x seq_len tokens, and the seconds of scoring and adaptation.
-    Step k of a batch scores targets kC+1..(k+1)C of each document still running (C = TTT_LORA_CHUNK), on
-    inputs from (k+1)C - seq_len on (at most seq_len of them), then trains the adapters on them. Nothing in
-    a step waits for the GPU (no host sync), so the host can queue the next step while the GPU runs this
-    one; the host's launches, about 1,700 a step on the proxy, still set the pace."""
-    device, chunk = tokens.device, args.ttt_lora_chunk
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    marks = []  # (before scoring, after scoring, after adaptation) of each step
-    i = 0
-    while i < len(spans):
-        batch = spans[i : i + max(1, args.eval_batch_seqs * seq_len // min(spans[i][1] - spans[i][0], seq_len))]
-        i += len(batch)
-        lengths = [b - a for a, b in batch]  # targets per document, longest first
-        n_targets = torch.tensor(lengths, device=device)
-        docs = torch.zeros(len(batch), lengths[0] + 1, dtype=torch.long, device=device)
-        for d, (a, b) in enumerate(batch):
-            docs[d, : b - a + 1] = tokens[a : b + 1]
-        adapters = DocAdapters(model, len(batch), args.ttt_lora_rank, args.seed)
-        opt = torch.optim.Adam(adapters.parameters(), lr=args.ttt_lora_lr, betas=(0.0, 0.999))
-        for k in range(math.ceil(lengths[0] / chunk)):
-            t0 = device_mark(device)
-            live = sum(n > k * chunk for n in lengths)  # the documents not yet done: a prefix
-            hi = min((k + 1) * chunk, lengths[0])
-            lo = max(0, (k + 1) * chunk - seq_len)  # the same for every document, whatever its length
-            prev, y = docs[:live, k * chunk : hi], docs[:live, k * chunk + 1 : hi + 1]  # this step's targets
-            scored = torch.arange(k * chunk + 1, hi + 1, device=device) <= n_targets[:live, None]
-            with autocast(device), torch.set_grad_enabled(hi < lengths[0]):  # the last step trains nothing
-                losses = model(docs[:live, lo:hi], y, adapters) * scored
-            sums += torch.stack([losses.detach().double().sum(), scored.sum(), (target_bytes(prev, y, luts) * scored).sum()])
-            t1 = device_mark(device)
-            if hi < lengths[0]:  # scored first, trained after (the base model's weights take no gradient)
-                opt.zero_grad()
-                losses.sum().backward(inputs=adapters.parameters())
-                opt.step()
-            marks.append((t0, t1, device_mark(device)))
-    sync_time(device)
-    return (sums, sum(seconds_between(t0, t1) for t0, t1, _ in marks),
-            sum(seconds_between(t1, t2) for _, t1, t2 in marks))
+class LoraRows:
+    """DocAdapters for `rows` documents and their Adam state (beta1 is 0: second moments only), made once and
+    reset in place for each batch, so that a CUDA graph can keep their addresses."""
+
+    def __init__(self, model, rows: int, args):
+        self.adapters = DocAdapters(model, rows, args.ttt_lora_rank, args.seed)
+        self.params = self.adapters.parameters()
+        self.fresh = [p.detach().clone() for p in self.params]  # A's shared draw, B's zeros
+        self.v = [torch.zeros_like(p) for p in self.params]
+
+    def reset(self) -> None:
+        with torch.no_grad():
+            for p, p0, v in zip(self.params, self.fresh, self.v):
+                p.copy_(p0)
+                v.zero_()
+
+    def take(self, other: "LoraRows", rows: int) -> None:
+        """The first `rows` documents' adapters and Adam state from a larger set."""
+        with torch.no_grad():
+            for p, q, v, w in zip(self.params, other.params, self.v, other.v):
+                p[:rows].copy_(q[:rows])
+                v[:rows].copy_(w[:rows])
+
+
+class LoraStep:
+    """One LoRA step at one shape (documents, window): score the masked targets of one chunk of each document,
+    add their sums, then one Adam step of the adapters on their loss. The head reads only the window positions
+    `pos` that predict the chunk. Inputs sit in fixed buffers, so that on the GPU the step is captured once as
+    a CUDA graph and replayed: a step is about 1,700 small kernels, whose launches otherwise took the host
+    four times the GPU's own time (benchmarks/2026-12-02-proxy-c/r12_profile.txt)."""
+
+    def __init__(self, model, rows: LoraRows, window: int, chunk: int, luts, sums: torch.Tensor,
+                 t_sqrt: torch.Tensor, lr: float):
+        device, n = sums.device, rows.params[0].size(0)
+        self.model, self.rows, self.luts, self.sums, self.t_sqrt, self.lr = model, rows, luts, sums, t_sqrt, lr
+        self.ids = torch.zeros(n, window, dtype=torch.long, device=device)
+        self.pos = torch.arange(chunk, device=device)
+        self.prev, self.targets = (torch.zeros(n, chunk, dtype=torch.long, device=device) for _ in range(2))
+        self.mask = torch.zeros(n, chunk, device=device)
+        self.graph = None
+
+    def __call__(self) -> None:
+        model, adapters = self.model, self.rows.adapters
+        with torch.autocast(self.ids.device.type, torch.bfloat16, enabled=self.ids.is_cuda, cache_enabled=False):
+            h = model.head_input(rms_norm(model.last_hidden(self.ids, adapters).index_select(1, self.pos)))
+            logits = model.head_logits(h, adapters.at(None))
+            losses = F.cross_entropy(logits.flatten(0, 1), self.targets.flatten(), reduction="none")
+        losses = losses.view_as(self.mask) * self.mask
+        nbytes = (target_bytes(self.prev, self.targets, self.luts) * self.mask).sum()
+        self.sums += torch.stack([losses.detach().double().sum(), self.mask.double().sum(), nbytes.double()])
+        grads = torch.autograd.grad(losses.sum(), self.rows.params)  # scored above, trained on now
+        with torch.no_grad():  # Adam as torch.optim.Adam does it with beta1 0, written out to run in the graph
+            for p, g, v in zip(self.rows.params, grads, self.rows.v):
+                v.mul_(LORA_BETA2).addcmul_(g, g, value=1 - LORA_BETA2)
+                p.addcdiv_(g, (v.sqrt() / self.t_sqrt).add_(LORA_EPS), value=-self.lr)
+
+    def capture(self, pool) -> None:
+        """Warm up on a side stream with an empty mask (which changes nothing but Adam's v, saved and put
+        back), then capture into the pool that all steps share: nothing a step allocates outlives it."""
+        saved = [v.clone() for v in self.rows.v]
+        self.mask.zero_()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self()
+        with torch.no_grad():
+            for v, s in zip(self.rows.v, saved):
+                v.copy_(s)
+
+    def run(self) -> None:
+        self.graph.replay() if self.graph is not None else self()
+
+
+class LoraScorer:
+    """Per-document LoRA TTT: float64 (nats, targets, bytes) of the documents `spans`, longest first, each
+    document scored with its own adapters, which train on each chunk of it once it is scored. A batch walks
+    its documents together: step k scores targets kC+1..(k+1)C of each (C = TTT_LORA_CHUNK) on inputs from
+    (k+1)C - seq_len on (at most seq_len), then trains. Shapes come in powers of two, so that there are few
+    (on the proxy about 35, each a CUDA graph on the GPU): the documents still running padded in rows, the
+    window padded on the right, which causal attention keeps from the real positions; a mask keeps padding out
+    of the sums and the gradients. A batch holds the most documents, a power of two, whose padded rows x
+    window fit EVAL_BATCH_SEQS x seq_len. Steps and graphs persist from call to call (docs+lora+ttt calls once
+    per TTT chunk): the base model's SGD updates its weights in place, and the graphs read them."""
+
+    def __init__(self, model, args, luts, device: torch.device):
+        self.model, self.args, self.luts = model, args, luts
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.t_sqrt = torch.ones((), device=device)  # Adam's bias correction sqrt(1 - beta2^t) of the step
+        self.rows, self.steps = {}, {}
+        self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+
+    def step(self, rows: int, window: int) -> LoraStep:
+        if rows not in self.rows:
+            self.rows[rows] = LoraRows(self.model, rows, self.args)
+        if (rows, window) not in self.steps:
+            step = self.steps[rows, window] = LoraStep(self.model, self.rows[rows], window, self.args.ttt_lora_chunk,
+                                                       self.luts, self.sums, self.t_sqrt, self.args.ttt_lora_lr)
+            if self.pool is not None:
+                step.capture(self.pool)
+        return self.steps[rows, window]
+
+    def __call__(self, tokens: torch.Tensor, spans: list[tuple[int, int]], seq_len: int) -> torch.Tensor:
+        chunk, device = self.args.ttt_lora_chunk, tokens.device
+        self.sums.zero_()
+        i = 0
+        while i < len(spans):
+            longest = spans[i][1] - spans[i][0]
+            room = self.args.eval_batch_seqs * seq_len // pow2_bucket(min(math.ceil(longest / chunk) * chunk, seq_len), seq_len)
+            batch = spans[i : i + (1 << (room.bit_length() - 1))]  # room >= EVAL_BATCH_SEQS >= 1
+            i += len(batch)
+            lengths = [b - a for a, b in batch]  # targets per document, longest first
+            top = pow2_bucket(len(batch), 1 << 30)
+            n_targets = torch.tensor(lengths + [0] * (top - len(batch)), device=device)  # padded rows score nothing
+            docs = torch.zeros(top, lengths[0] + 1 + seq_len, dtype=torch.long, device=device)
+            for d, (a, b) in enumerate(batch):
+                docs[d, : b - a + 1] = tokens[a : b + 1]
+            rows_now = None
+            for k in range(math.ceil(lengths[0] / chunk)):
+                first, lo = k * chunk, max(0, (k + 1) * chunk - seq_len)  # lo: the same for every document
+                rows = pow2_bucket(sum(n > first for n in lengths), top)  # the documents not yet done: a prefix
+                step = self.step(rows, pow2_bucket((k + 1) * chunk - lo, seq_len))
+                if rows_now is None:
+                    self.rows[rows].reset()
+                elif rows != rows_now:
+                    self.rows[rows].take(self.rows[rows_now], rows)
+                rows_now = rows
+                target = torch.arange(first + 1, first + chunk + 1, device=device)
+                step.ids.copy_(docs[:rows, lo : lo + step.ids.size(1)])
+                step.pos.copy_(target - lo - 1)  # the window position that predicts each target
+                step.prev.copy_(docs[:rows, first : first + chunk])
+                step.targets.copy_(docs[:rows, first + 1 : first + chunk + 1])
+                step.mask.copy_(target <= n_targets[:rows, None])
+                self.t_sqrt.fill_(math.sqrt(1 - LORA_BETA2 ** (k + 1)))
+                step.run()
+        return self.sums.clone()
 
 
 def evaluate_ttt(model, params: list[nn.Parameter], tokens: torch.Tensor, seq_len: int, stride: int, luts, args,
@@ -771,7 +863,8 @@ def evaluate_ttt(model, params: list[nn.Parameter], tokens: torch.Tensor, seq_le
     """(val_loss, val_bpb, scoring seconds, adaptation seconds) with score-first TTT of `params`, which
     belong to `model` and change in place. Each chunk's windows are split over ranks as in evaluate(); with
     TTT_LORA_RANK, the documents that open in the chunk are scored instead, by per-document LoRA on `eager`
-    (`model` uncompiled), sorted by length and dealt out to ranks. With TTT_EPOCHS=0 there is one chunk."""
+    (`model` uncompiled), sorted by length and dealt out to ranks; the adapters' steps count as scoring.
+    With TTT_EPOCHS=0 there is one chunk."""
     chunk = args.ttt_chunk_tokens if args.ttt_epochs else tokens.numel()
     chunks = chunk_windows(tokens.numel(), seq_len, stride, chunk)
     length = min(seq_len, tokens.numel() - 1)
@@ -779,6 +872,7 @@ def evaluate_ttt(model, params: list[nn.Parameter], tokens: torch.Tensor, seq_le
         groups = [[] for _ in chunks]
         for span in sorted(doc_spans(tokens.cpu().numpy(), eager.bos_id), key=lambda s: s[0] - s[1]):
             groups[span[0] // chunk].append(span)
+        lora = LoraScorer(eager, args, luts, tokens.device)
     opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
     for p in params:
         p.grad = torch.zeros_like(p)  # kept: a rank without a sequence in some step still all-reduces zeros
@@ -787,14 +881,12 @@ def evaluate_ttt(model, params: list[nn.Parameter], tokens: torch.Tensor, seq_le
     for c, (starts, first, end) in enumerate(chunks):
         t0 = sync_time(tokens.device)
         if args.ttt_lora_rank:
-            doc_sums, doc_score_s, doc_adapt_s = lora_sums(eager, tokens, groups[c][rank::world], seq_len, luts, args)
-            sums += doc_sums
-            score_s, adapt_s = score_s + doc_score_s, adapt_s + doc_adapt_s
+            sums += lora(tokens, groups[c][rank::world], seq_len)
         else:
             share = rank_share(len(starts), rank, world)
             sums += window_sums(model, tokens, starts[share], first[share], end[share], length, args.eval_batch_seqs, luts)
-            score_s += sync_time(tokens.device) - t0
         t1 = sync_time(tokens.device)
+        score_s += t1 - t0
         if c + 1 < len(chunks):
             opt.param_groups[0]["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (len(chunks) - 1)))
             train_on_chunk(model, params, opt, tokens, c, seq_len, args, rank, world)
@@ -1758,11 +1850,9 @@ class GPT(nn.Module):
         return torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor, lora: DocAdapters | None = None) -> torch.Tensor:
-        """Per-token cross-entropy in nats, shape of targets, which are those of the last targets.size(1)
-        positions of ids (all but in LoRA TTT, whose steps score only a chunk at the end of their context:
-        the head and its loss skip the rest); with `lora`, each sequence is a document with its own adapters."""
-        x = self.last_hidden(ids, lora)
-        h = self.head_input(rms_norm(x[:, x.size(1) - targets.size(1) :]))
+        """Per-token cross-entropy in nats, shape of targets; with `lora`, each sequence is a document with its
+        own adapters."""
+        h = self.head_input(rms_norm(self.last_hidden(ids, lora)))
         logits = self.head_logits(h, None if lora is None else lora.at(None))
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
@@ -1819,6 +1909,21 @@ def accumulate_gradients(model: nn.Module, batches, micro_steps: int, device: to
         (loss / micro_steps).backward()
         total += loss.detach()
     return total / micro_steps
+
+
+def device_mark(device: torch.device):
+    """A point in the device's queue of work, to time it without waiting for it: a recorded CUDA event, or on
+    the CPU (which runs each op as it is called) the host clock."""
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def seconds_between(a, b) -> float:
+    """Seconds from device_mark a to b (CUDA events once the GPU has passed b)."""
+    return b - a if isinstance(a, float) else a.elapsed_time(b) / 1000
 
 
 class StepClock:
@@ -2143,7 +2248,7 @@ def train_and_score(args: Hyperparameters, rank: int, world: int, device: torch.
         # Both parts split over ranks (windows or documents, and each step's sequences), so 8 GPUs take about
         # world/8 of the time; chunked SGD less well, as its all-reduces do not shrink and its per-GPU batches do;
         # LoRA less well too, as a batch takes as many steps as its longest document has chunks.
-        more = "LoRA: more, a rank waits for its longest documents" if args.ttt_lora_rank else "adaptation likely more"
+        more = "LoRA: more, a rank waits for its longest documents; its adapter steps count as scoring" if args.ttt_lora_rank else "adaptation likely more"
         log(f"ttt time on {world} rank(s): scoring {score_s:.1f}s + adaptation {adapt_s:.1f}s; on 8 GPUs about "
             f"{score_s * world / 8:.1f}s + {adapt_s * world / 8:.1f}s (linear in ranks; {more})")
     elif args.eval_stride:

@@ -729,6 +729,22 @@ def test_lora_without_learning_scores_each_document_alone_on_its_own_tokens(lora
         assert got[0] != pytest.approx(tg.evaluate(model, tokens, seq_len, 0, 3, luts)[0], rel=1e-4)  # documents cut apart
 
 
+@pytest.mark.parametrize("seq_len,chunk,batch_seqs", [(16, 5, 3), (16, 5, 1000), (200, 7, 3), (32, 5, 1)])
+def test_lora_steps_come_in_powers_of_two_within_the_token_budget(lora_setup, seq_len, chunk, batch_seqs):
+    """A step's shape is a power of two of documents by a power of two of positions (or seq_len), and their
+    product stays within EVAL_BATCH_SEQS x seq_len: padded batches as large as lora's unpadded ones once ran
+    out of the H200's memory. Every target is still scored once."""
+    model, tokens, luts = lora_setup
+    args = lora_args(ttt_lora_chunk=chunk, eval_batch_seqs=batch_seqs)
+    scorer = tg.LoraScorer(model, args, luts, tokens.device)
+    spans = sorted(tg.doc_spans(tokens.numpy(), model.bos_id), key=lambda s: s[0] - s[1])
+    assert int(scorer(tokens, spans, seq_len)[1]) == tokens.numel() - 1
+    assert len(scorer.steps) > 1
+    for rows, window in scorer.steps:
+        assert rows & (rows - 1) == 0 and (window & (window - 1) == 0 or window == seq_len)
+        assert rows * window <= batch_seqs * seq_len
+
+
 def test_doc_adapters_add_their_low_rank_deltas_per_document_at_each_site(lora_setup):
     """Site by site, a delta x @ A @ B must act as written: on q/k/v it equals adding (A @ B)^T to those
     weights; on the attention's and the MLP's outputs and on the logits, it equals adding x @ A @ B there by

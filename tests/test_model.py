@@ -82,17 +82,6 @@ def test_changing_a_target_changes_only_its_own_loss():
     assert changed[0].nonzero().flatten().tolist() == [6]
 
 
-@pytest.mark.parametrize("tail", [1, 5, 12])
-def test_fewer_targets_score_the_last_positions_as_the_full_forward_does(tail):
-    # LoRA TTT passes only a chunk's targets: they belong to the last positions of the context.
-    model = perturb(make_model(num_layers=3, bigram=16))
-    ids, targets = random_ids(2, 12, seed=8), random_ids(2, 12, seed=9)
-    with torch.no_grad():
-        full, last = model(ids, targets), model(ids, targets[:, -tail:])
-    assert last.shape == (2, tail)
-    torch.testing.assert_close(last, full[:, -tail:], rtol=1e-5, atol=1e-6)
-
-
 def test_logit_softcap_bounds_the_loss():
     model = make_model(logit_softcap=5.0)
     with torch.no_grad():

@@ -2,7 +2,10 @@
 tiny looped model with a large adapter LR. Run from the repository root:
   python3 -m pytest -q benchmarks/2026-12-02-proxy-c/check_lora_graphs.py
 Breaking the head's positions (off by one), the Adam bias correction, the reset of adapters for each batch
-or their copy between row buckets each made it fail (checked 2026-12-02)."""
+or their copy between row buckets each made it fail (checked 2026-12-02).
+Since folded into train_gpt.py as LoraScorer; this file runs against the train_gpt.py of 08ebb01 (which
+still has lora_sums): `git show 08ebb01:train_gpt.py > train_gpt.py` first. Its GPU runs are in
+benchmarks/2026-12-02-proxy-d/."""
 import copy
 import importlib.util
 import sys

@@ -1,5 +1,10 @@
 """A prototype: per-document LoRA TTT with each step replayed from a CUDA graph, to take the host out of it.
 
+Since folded into train_gpt.py as LoraScorer; this file runs against the train_gpt.py of 08ebb01 (which
+still has lora_sums): `git show 08ebb01:train_gpt.py > train_gpt.py` first. Its GPU runs are in
+benchmarks/2026-12-02-proxy-d/.
+
+
 The profile of 2026-12-02 (r12_profile.txt) found a LoRA step bound by the host: about 85 ms issuing some
 1,700 small kernels for about 20 ms of GPU work. A CUDA graph replays a captured step with one launch, but
 needs fixed shapes and fixed addresses. So this scores exactly what train_gpt.lora_sums scores, with:
