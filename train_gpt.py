@@ -716,6 +716,22 @@ def pow2_bucket(n: int, cap: int) -> int:
     return min(1 << (n - 1).bit_length(), cap)
 
 
+def lora_walk(lengths: list[int], chunk: int, seq_len: int, batch_seqs: int):
+    """LoRA TTT's steps over documents of these lengths (longest first), as (i, j, k, rows, window): step k of
+    the batch of documents i..j-1, on `rows` documents (a power of two: those still running, padded) and a
+    window of `window` positions (a power of two, or seq_len). A batch holds the most documents, a power of
+    two, whose padded rows x window fit batch_seqs x seq_len token-passes."""
+    i = 0
+    while i < len(lengths):
+        room = batch_seqs * seq_len // pow2_bucket(min(math.ceil(lengths[i] / chunk) * chunk, seq_len), seq_len)
+        j = min(len(lengths), i + (1 << (room.bit_length() - 1)))  # room >= batch_seqs >= 1
+        for k in range(math.ceil(lengths[i] / chunk)):
+            live = sum(n > k * chunk for n in lengths[i:j])  # the documents not yet done: a prefix
+            lo = max(0, (k + 1) * chunk - seq_len)  # the same for every document, whatever its length
+            yield i, j, k, pow2_bucket(live, pow2_bucket(j - i, 1 << 30)), pow2_bucket((k + 1) * chunk - lo, seq_len)
+        i = j
+
+
 class LoraRows:
     """DocAdapters for `rows` documents and their Adam state (beta1 is 0: second moments only), made once and
     reset in place for each batch, so that a CUDA graph can keep their addresses."""
@@ -801,9 +817,9 @@ class LoraScorer:
     (k+1)C - seq_len on (at most seq_len), then trains. Shapes come in powers of two, so that there are few
     (on the proxy about 35, each a CUDA graph on the GPU): the documents still running padded in rows, the
     window padded on the right, which causal attention keeps from the real positions; a mask keeps padding out
-    of the sums and the gradients. A batch holds the most documents, a power of two, whose padded rows x
-    window fit EVAL_BATCH_SEQS x seq_len. Steps and graphs persist from call to call (docs+lora+ttt calls once
-    per TTT chunk): the base model's SGD updates its weights in place, and the graphs read them."""
+    of the sums and the gradients (batches and shapes: lora_walk). Steps and graphs persist from call to call
+    (docs+lora+ttt calls once per TTT chunk): the base model's SGD updates its weights in place, and the graphs
+    read them."""
 
     def __init__(self, model, args, luts, device: torch.device):
         self.model, self.args, self.luts = model, args, luts
@@ -825,37 +841,39 @@ class LoraScorer:
     def __call__(self, tokens: torch.Tensor, spans: list[tuple[int, int]], seq_len: int) -> torch.Tensor:
         chunk, device = self.args.ttt_lora_chunk, tokens.device
         self.sums.zero_()
-        i = 0
-        while i < len(spans):
-            longest = spans[i][1] - spans[i][0]
-            room = self.args.eval_batch_seqs * seq_len // pow2_bucket(min(math.ceil(longest / chunk) * chunk, seq_len), seq_len)
-            batch = spans[i : i + (1 << (room.bit_length() - 1))]  # room >= EVAL_BATCH_SEQS >= 1
-            i += len(batch)
-            lengths = [b - a for a, b in batch]  # targets per document, longest first
-            top = pow2_bucket(len(batch), 1 << 30)
-            n_targets = torch.tensor(lengths + [0] * (top - len(batch)), device=device)  # padded rows score nothing
-            docs = torch.zeros(top, lengths[0] + 1 + seq_len, dtype=torch.long, device=device)
-            for d, (a, b) in enumerate(batch):
-                docs[d, : b - a + 1] = tokens[a : b + 1]
-            rows_now = None
-            for k in range(math.ceil(lengths[0] / chunk)):
-                first, lo = k * chunk, max(0, (k + 1) * chunk - seq_len)  # lo: the same for every document
-                rows = pow2_bucket(sum(n > first for n in lengths), top)  # the documents not yet done: a prefix
-                step = self.step(rows, pow2_bucket((k + 1) * chunk - lo, seq_len))
-                if rows_now is None:
-                    self.rows[rows].reset()
-                elif rows != rows_now:
-                    self.rows[rows].take(self.rows[rows_now], rows)
-                rows_now = rows
-                target = torch.arange(first + 1, first + chunk + 1, device=device)
-                step.ids.copy_(docs[:rows, lo : lo + step.ids.size(1)])
-                step.pos.copy_(target - lo - 1)  # the window position that predicts each target
-                step.prev.copy_(docs[:rows, first : first + chunk])
-                step.targets.copy_(docs[:rows, first + 1 : first + chunk + 1])
-                step.mask.copy_(target <= n_targets[:rows, None])
-                self.t_sqrt.fill_(math.sqrt(1 - LORA_BETA2 ** (k + 1)))
-                step.run()
+        lengths = [b - a for a, b in spans]  # targets per document, longest first
+        for i, j, k, rows, window in lora_walk(lengths, chunk, seq_len, self.args.eval_batch_seqs):
+            step = self.step(rows, window)
+            if k == 0:  # a new batch: documents i..j-1, and padded rows that score nothing
+                top = pow2_bucket(j - i, 1 << 30)
+                n_targets = torch.tensor(lengths[i:j] + [0] * (top - (j - i)), device=device)
+                docs = torch.zeros(top, lengths[i] + 1 + seq_len, dtype=torch.long, device=device)
+                for d, (a, b) in enumerate(spans[i:j]):
+                    docs[d, : b - a + 1] = tokens[a : b + 1]
+                self.rows[rows].reset()
+            elif rows != rows_now:
+                self.rows[rows].take(self.rows[rows_now], rows)
+            rows_now = rows
+            first, lo = k * chunk, max(0, (k + 1) * chunk - seq_len)
+            target = torch.arange(first + 1, first + chunk + 1, device=device)
+            step.ids.copy_(docs[:rows, lo : lo + window])
+            step.pos.copy_(target - lo - 1)  # the window position that predicts each target
+            step.prev.copy_(docs[:rows, first : first + chunk])
+            step.targets.copy_(docs[:rows, first + 1 : first + chunk + 1])
+            step.mask.copy_(target <= n_targets[:rows, None])
+            self.t_sqrt.fill_(math.sqrt(1 - LORA_BETA2 ** (k + 1)))
+            step.run()
         return self.sums.clone()
+
+
+def doc_groups(tokens: np.ndarray, bos: int, chunk: int, n_chunks: int) -> list[list[tuple[int, int]]]:
+    """The documents (doc_spans) that open in each TTT chunk of `chunk` targets, longest first; a rank takes
+    every world-th from its rank. Every target lies in its document's opening chunk or a later one, so it is
+    scored before the base model trains on it."""
+    groups = [[] for _ in range(n_chunks)]
+    for span in sorted(doc_spans(tokens, bos), key=lambda s: s[0] - s[1]):
+        groups[span[0] // chunk].append(span)
+    return groups
 
 
 def evaluate_ttt(model, params: list[nn.Parameter], tokens: torch.Tensor, seq_len: int, stride: int, luts, args,
@@ -868,10 +886,8 @@ def evaluate_ttt(model, params: list[nn.Parameter], tokens: torch.Tensor, seq_le
     chunk = args.ttt_chunk_tokens if args.ttt_epochs else tokens.numel()
     chunks = chunk_windows(tokens.numel(), seq_len, stride, chunk)
     length = min(seq_len, tokens.numel() - 1)
-    if args.ttt_lora_rank:  # every target is in its document's chunk or a later one: scored before trained on
-        groups = [[] for _ in chunks]
-        for span in sorted(doc_spans(tokens.cpu().numpy(), eager.bos_id), key=lambda s: s[0] - s[1]):
-            groups[span[0] // chunk].append(span)
+    if args.ttt_lora_rank:
+        groups = doc_groups(tokens.cpu().numpy(), eager.bos_id, chunk, len(chunks))
         lora = LoraScorer(eager, args, luts, tokens.device)
     opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
     for p in params:

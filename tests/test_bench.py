@@ -119,3 +119,42 @@ def test_score_rescores_an_artifact_as_the_run_did_on_the_same_cut_split(tiny_co
     out = capsys.readouterr().out
     assert "the first 3,000 validation tokens only" in out
     assert float(re.search(r"^score sliding: val_loss \S+ val_bpb (\S+) ", out, re.M).group(1)) == pytest.approx(run_bpb, abs=1e-5)
+
+
+def lora_lines(out: str) -> dict:
+    """{"one": (steps, padded M, seconds), "busiest": (...)} from `lora`'s output."""
+    found = {}
+    for key, label in (("one", "the shard on one device"), ("busiest", "the busiest of")):
+        m = re.search(rf"^{label}.*: ([\d,]+) steps, ([\d.]+)M padded token-passes, ([\d.]+)s of steps$", out, re.M)
+        assert m, out
+        found[key] = (int(m.group(1).replace(",", "")), float(m.group(2)), float(m.group(3)))
+    return found
+
+
+def test_lora_times_the_busiest_rank_and_at_one_rank_of_one_copy_the_shard_itself(tiny_corpus, tmp_path, tiny_sp,
+                                                                                  monkeypatch, capsys):
+    """`lora` counts LoRA's steps per rank as evaluate_ttt deals the documents and times them by shape: one copy
+    on one rank is the shard on one device, step for step and second for second; two copies on two ranks
+    give each rank about the one device's work, not twice it."""
+    import train_gpt as tg
+    from test_training import SETTING_NAMES, tiny_config
+
+    for name in SETTING_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in tiny_config(tiny_corpus, tmp_path / "out", TTT_LORA_RANK=2, TTT_LORA_CHUNK=16).items():
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.setattr(tg, "_SETTINGS", {})
+    shard = str(Path(tiny_corpus["data_path"]) / "fineweb_val_000000.bin")
+    args = dict(lengths=shard, phases=0, reps=1, bos=tiny_sp.bos_id())
+    capsys.readouterr()
+    bench.run_lora(SimpleNamespace(copies=1, world=1, **args))
+    single = lora_lines(capsys.readouterr().out)
+    assert single["one"] == single["busiest"] and single["one"][0] > 10
+    bench.run_lora(SimpleNamespace(copies=2, world=2, **args))
+    double = lora_lines(capsys.readouterr().out)
+    assert double["one"][:2] == single["one"][:2]
+    assert 0.7 * single["one"][1] <= double["busiest"][1] <= 1.4 * single["one"][1]
+    monkeypatch.setenv("TTT_LORA_RANK", "0")
+    monkeypatch.setattr(tg, "_SETTINGS", {})
+    with pytest.raises(SystemExit, match="error: .*TTT_LORA_RANK"):
+        bench.run_lora(SimpleNamespace(copies=1, world=1, **args))

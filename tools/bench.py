@@ -3,6 +3,7 @@
 
   python3 tools/bench.py train --steps 300 [--nproc 1] [--data /tmp/pg_bench]   # training ms/step
   python3 tools/bench.py eval [--world 8]                                       # sliding-window eval time
+  python3 tools/bench.py lora --lengths VAL_SHARD [--phases 3] [--world 8]      # LoRA TTT's time on one rank
   python3 tools/bench.py attention                                              # SDPA backends at the training shape
   python3 tools/bench.py profile                                                # GPU time per kernel of one step
   python3 tools/bench.py step [--steps 10]                                      # ms per bare training step
@@ -29,6 +30,7 @@ one rank of --world gets, which is the wall time of the evaluation on that many 
 measure speed only; their losses say nothing about FineWeb.
 """
 import argparse
+import math
 import os
 import re
 import subprocess
@@ -130,6 +132,74 @@ def run_eval(a) -> None:
           f"batch {args.eval_batch_seqs}; one rank of {a.world} took {seconds:.1f}s "
           f"(= the {a.world}-GPU wall time; {seconds * a.world:.0f}s for all windows on one GPU), "
           f"{tflops:.0f} model TFLOP/s, peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
+def lora_shapes(tokens, bos: int, args, phases: int, world: int) -> list:
+    """For each of `world` ranks, {(rows, window): steps} of LoRA TTT over `tokens` as evaluate_ttt deals the
+    documents (doc_groups, every world-th) and LoraScorer walks them (lora_walk); TTT chunks of a `phases`-th
+    of the split if phases, else as the settings make them."""
+    from collections import Counter
+    import train_gpt as tg
+    n, seq_len = len(tokens), args.eval_seq_len or args.train_seq_len
+    chunk = math.ceil(n / phases) if phases else args.ttt_chunk_tokens if args.ttt_epochs else n
+    groups = tg.doc_groups(tokens, bos, chunk, math.ceil((n - 1) / chunk))
+    shapes = [Counter() for _ in range(world)]
+    for group in groups:
+        for r in range(world):
+            lengths = [b - a for a, b in group[r::world]]
+            shapes[r].update((rows, window) for *_, rows, window in
+                             tg.lora_walk(lengths, args.ttt_lora_chunk, seq_len, args.eval_batch_seqs))
+    return shapes
+
+
+def run_lora(a) -> None:
+    """LoRA TTT's time on the busiest of --world ranks over --copies shuffled copies of a validation shard's
+    documents (their lengths stand in for FineWeb's, which are not here), from each step shape's time on this
+    device: its graph captured, then replayed --reps times (on the CPU, run eagerly). The shard itself on one
+    device too, to hold against a measured run. The weights are random (the time does not depend on them);
+    the base model's SGD (TTT_EPOCHS) is not in it."""
+    import numpy as np
+    import torch
+    import train_gpt as tg
+    args = settings()
+    if not args.ttt_lora_rank:
+        raise SystemExit("error: lora times per-document LoRA TTT: set TTT_LORA_RANK > 0")
+    tokens = tg.load_val_tokens(a.lengths, args.vocab_size, 0)
+    docs = [tokens[x:y] for x, y in tg.doc_spans(tokens, a.bos)]
+    order = np.random.default_rng(0)
+    big = np.concatenate([docs[j] for _ in range(a.copies) for j in order.permutation(len(docs))] + [tokens[-1:]])
+    one, ranks = lora_shapes(tokens, a.bos, args, a.phases, 1)[0], lora_shapes(big, a.bos, args, a.phases, a.world)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = tg.build_model(args, a.bos).to(device)
+    model.looping = args.loop_repeats > 0
+    vocab = torch.arange(args.vocab_size, device=device)
+    scorer = tg.LoraScorer(model, args, (torch.full_like(vocab, 3, dtype=torch.int32), vocab % 3 == 0, vocab < 4), device)
+    chunk, times, capture_s = args.ttt_lora_chunk, {}, 0.0
+    for rows, window in sorted(set(one).union(*ranks)):
+        t0 = tg.sync_time(device)
+        step = scorer.step(rows, window)
+        capture_s += tg.sync_time(device) - t0
+        for buffer in (step.ids, step.prev, step.targets):
+            buffer.random_(4, args.vocab_size)
+        step.pos.copy_(torch.arange(window - chunk, window))
+        step.mask.fill_(1)
+        step.run()
+        t0 = tg.sync_time(device)
+        for _ in range(a.reps):
+            step.run()
+        times[rows, window] = (tg.sync_time(device) - t0) / a.reps
+
+    def summary(shapes) -> tuple[float, str]:
+        seconds = sum(n * times[s] for s, n in shapes.items())
+        padded = sum(n * rows * window for (rows, window), n in shapes.items())
+        return seconds, f"{sum(shapes.values()):,} steps, {padded / 1e6:.1f}M padded token-passes, {seconds:.1f}s of steps"
+
+    how = f"{a.phases} phases" if a.phases else f"TTT chunks of {args.ttt_chunk_tokens if args.ttt_epochs else 'the whole split'}"
+    print(f"LoRA rank {args.ttt_lora_rank}, chunk {chunk}, {how}, on {device.type}: {len(times)} step shapes, "
+          f"captured in {capture_s:.1f}s")
+    print(f"the shard on one device ({len(tokens):,} tokens): {summary(one)[1]}")
+    worst = max(ranks, key=lambda shapes: summary(shapes)[0])
+    print(f"the busiest of {a.world} ranks on {a.copies} copies ({len(big):,} tokens): {summary(worst)[1]}")
 
 
 def run_attention(a) -> None:
@@ -485,6 +555,13 @@ def main() -> None:
     t.add_argument("--tokenizer", default=str(ROOT / ".carry" / "fineweb_1024_bpe.model"))
     e = sub.add_parser("eval")
     e.add_argument("--world", type=int, default=8)
+    lo = sub.add_parser("lora")
+    lo.add_argument("--lengths", required=True, help="a validation shard whose documents' lengths to use")
+    lo.add_argument("--copies", type=int, default=32, help="copies of its documents (32: the proxy's to FineWeb's size)")
+    lo.add_argument("--world", type=int, default=8)
+    lo.add_argument("--phases", type=int, default=0, help="TTT chunks of a phases-th of the split (0: TTT_CHUNK_TOKENS)")
+    lo.add_argument("--reps", type=int, default=5)
+    lo.add_argument("--bos", type=int, default=1)
     sub.add_parser("attention")
     sub.add_parser("pack")
     st = sub.add_parser("step")
@@ -510,7 +587,7 @@ def main() -> None:
                     + ", ".join(TTT_KEYS) + " (epochs > 0: chunked SGD of the model; rank > 0: per-document LoRA)")
     sc.add_argument("--no-baseline", action="store_true", help="skip the plain and sliding scores without TTT")
     a = ap.parse_args()
-    {"score": run_score, "proxy": run_proxy, "train": run_train, "eval": run_eval, "attention": run_attention, "profile": run_profile, "step": run_step, "pack": run_pack, "compare": run_compare}[a.mode](a)
+    {"score": run_score, "proxy": run_proxy, "train": run_train, "eval": run_eval, "lora": run_lora, "attention": run_attention, "profile": run_profile, "step": run_step, "pack": run_pack, "compare": run_compare}[a.mode](a)
 
 
 if __name__ == "__main__":
