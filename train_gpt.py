@@ -1573,8 +1573,8 @@ def qk_norm_rotary(qkv: torch.Tensor, gain: torch.Tensor, cos: torch.Tensor, sin
 # Asking for it first changed no step time on torch 2.11, which likely picks it already; the order
 # says what we want on any version, and the others stay as fallbacks for shapes cuDNN does not take.
 SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-# cuDNN builds a plan for each new shape. Per-document LoRA changes shape at nearly every step, so it asks
-# for flash first (see MLP.forward for the rest of that story).
+# cuDNN builds a plan for each new shape. Per-document LoRA asks for flash first: its eager steps changed
+# shape at nearly every step; its padded steps (about 35 shapes) were measured so (see MLP.forward).
 SDPA_ANY_SHAPE = SDPA_PRIORITY[1:]
 
 
@@ -1741,9 +1741,11 @@ class MLP(nn.Module):
         self.proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor, any_shape: bool = False) -> torch.Tensor:
-        """any_shape: the caller's shapes change at nearly every call (per-document LoRA). The Triton kernel's
-        loop bounds are compile-time constants that depend on the row count, so each new count compiles it
-        anew: on the proxy, LoRA's score took over 185 s with it and cuDNN attention, 109 s without both."""
+        """any_shape: per-document LoRA, which takes the plain path. The Triton kernel's loop bounds are
+        compile-time constants of the row count, so each new count compiles it anew: LoRA's eager steps,
+        whose shapes changed at nearly every step, took over 185 s on the proxy with it and cuDNN attention,
+        109 s without both. Its padded steps have few row counts; they were measured on the plain path, and
+        the Triton one is benchmarks/2026-12-02-proxy-d/lora_triton_mlp.patch, not yet measured."""
         x = x.to(stream_dtype(x.device))  # what autocast's matmuls would take anyway
         # The Triton path also needs widths of whole 16-byte rows (for the TMA copy engine).
         if not any_shape and triton_runs(x) and x.size(-1) % 8 == 0 and self.fc.out_features % 8 == 0:
