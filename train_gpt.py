@@ -229,6 +229,7 @@ class Hyperparameters:
         # Score-first test-time training on the validation text (0 epochs: off).
         self.ttt_epochs = env("TTT_EPOCHS", 3, at_least(0))  # score-first TTT: SGD passes per scored chunk; 0: off
         self.ttt_chunk_tokens = env("TTT_CHUNK_TOKENS", 32768, at_least(1))
+        self.ttt_phases = env("TTT_PHASES", 0, at_least(0))  # > 0: the chunks are the split cut in this many parts
         self.ttt_lr = env("TTT_LR", 0.02, at_least(0))  # cosine decay across chunks
         self.ttt_momentum = env("TTT_MOMENTUM", 0.9, DECAY)
         self.ttt_grad_clip = env("TTT_GRAD_CLIP", 1.0, at_least(0))  # 0: no clipping
@@ -602,9 +603,18 @@ def sync_time(device: torch.device) -> float:
     return time.perf_counter()
 
 
-# Score-first test-time training (TTT). The targets are cut in order into chunks of TTT_CHUNK_TOKENS.
-# Each chunk is scored in full by the model as it stands, and only then does the model train on it,
-# so no target's score depends on an update that saw it; the last chunk is scored and never trained.
+# Score-first test-time training (TTT). The targets are cut in order into chunks of TTT_CHUNK_TOKENS
+# (or into TTT_PHASES equal parts). Each chunk is scored in full by the model as it stands, and only then
+# does the model train on it, so no target's score depends on an update that saw it; the last chunk is
+# scored and never trained.
+
+
+def ttt_chunk_tokens(args, n_tokens: int) -> int:
+    """Targets per TTT chunk for a text of n_tokens: all of them without the chunked SGD (TTT_EPOCHS=0),
+    a TTT_PHASES-th of them with phases, else TTT_CHUNK_TOKENS."""
+    if not args.ttt_epochs:
+        return n_tokens
+    return math.ceil((n_tokens - 1) / args.ttt_phases) if args.ttt_phases else args.ttt_chunk_tokens
 
 
 def chunk_windows(n_tokens: int, seq_len: int, stride: int, chunk_tokens: int) -> list[tuple[np.ndarray, ...]]:
@@ -632,12 +642,11 @@ def ttt_parameters(model: nn.Module, freeze_blocks: int) -> list[nn.Parameter]:
 
 
 def train_on_chunk(model, params: list[nn.Parameter], opt: torch.optim.Optimizer, tokens: torch.Tensor, c: int,
-                   seq_len: int, args, rank: int, world: int) -> None:
+                   chunk: int, seq_len: int, args, rank: int, world: int) -> None:
     """TTT_EPOCHS passes of SGD over chunk c, whose targets are tokens[1 + c * chunk : 1 + (c + 1) * chunk],
     in sequences of seq_len (the last flush with the chunk's end) and batches of TTT_BATCH_SEQS split
     over ranks; the gradients are summed over ranks, so every rank takes the whole batch's mean and
     keeps the same model."""
-    chunk = args.ttt_chunk_tokens
     length = min(seq_len, chunk)
     starts = c * chunk + window_plan(chunk + 1, length, 0)[0]
     offsets = torch.arange(length + 1, device=tokens.device)
@@ -883,7 +892,7 @@ def evaluate_ttt(model, params: list[nn.Parameter], tokens: torch.Tensor, seq_le
     TTT_LORA_RANK, the documents that open in the chunk are scored instead, by per-document LoRA on `eager`
     (`model` uncompiled), sorted by length and dealt out to ranks; the adapters' steps count as scoring.
     With TTT_EPOCHS=0 there is one chunk."""
-    chunk = args.ttt_chunk_tokens if args.ttt_epochs else tokens.numel()
+    chunk = ttt_chunk_tokens(args, tokens.numel())
     chunks = chunk_windows(tokens.numel(), seq_len, stride, chunk)
     length = min(seq_len, tokens.numel() - 1)
     if args.ttt_lora_rank:
@@ -905,7 +914,7 @@ def evaluate_ttt(model, params: list[nn.Parameter], tokens: torch.Tensor, seq_le
         score_s += t1 - t0
         if c + 1 < len(chunks):
             opt.param_groups[0]["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (len(chunks) - 1)))
-            train_on_chunk(model, params, opt, tokens, c, seq_len, args, rank, world)
+            train_on_chunk(model, params, opt, tokens, c, chunk, seq_len, args, rank, world)
             adapt_s += sync_time(tokens.device) - t1
     return *loss_and_bpb(sums), score_s, adapt_s
 
@@ -2260,7 +2269,7 @@ def train_and_score(args: Hyperparameters, rank: int, world: int, device: torch.
         q_loss, q_bpb, score_s, adapt_s = evaluate_ttt(scorer, ttt_parameters(fresh, args.ttt_freeze_blocks), val_tokens,
                                                        eval_seq_len, args.eval_stride, luts, args, rank, world, fresh)
         how = [f"seq_len {eval_seq_len}" + ("" if args.ttt_lora_rank else f" stride {args.eval_stride or eval_seq_len}")]
-        how += [f"chunks of {args.ttt_chunk_tokens} tokens"] if args.ttt_epochs else []
+        how += [f"chunks of {ttt_chunk_tokens(args, val_tokens.numel())} tokens"] if args.ttt_epochs else []
         how += [f"LoRA rank {args.ttt_lora_rank} on {args.ttt_lora_chunk}-token document chunks"] if args.ttt_lora_rank else []
         log(f"round trip: val_loss:{q_loss:.4f} val_bpb:{q_bpb:.4f} ({mode}, {', '.join(how)})")
         # Both parts split over ranks (windows or documents, and each step's sequences), so 8 GPUs take about

@@ -89,6 +89,7 @@ BAD_VALUES = {
     "MUON_ROW_NORM": "2",
     "TTT_EPOCHS": "-1",
     "TTT_CHUNK_TOKENS": "0",
+    "TTT_PHASES": "-1",
     "TTT_LR": "-0.1",
     "TTT_MOMENTUM": "1",
     "TTT_GRAD_CLIP": "-1",

@@ -145,7 +145,7 @@ def test_lora_times_the_busiest_rank_and_at_one_rank_of_one_copy_the_shard_itsel
         monkeypatch.setenv(name, str(value))
     monkeypatch.setattr(tg, "_SETTINGS", {})
     shard = str(Path(tiny_corpus["data_path"]) / "fineweb_val_000000.bin")
-    args = dict(lengths=shard, phases=0, reps=1, bos=tiny_sp.bos_id())
+    args = dict(lengths=shard, reps=1, bos=tiny_sp.bos_id())
     capsys.readouterr()
     bench.run_lora(SimpleNamespace(copies=1, world=1, **args))
     single = lora_lines(capsys.readouterr().out)

@@ -411,8 +411,8 @@ def test_chunk_windows_score_every_target_once_in_its_own_chunk_with_unchanged_c
 
 
 def ttt_args(**overrides) -> SimpleNamespace:
-    args = dict(ttt_epochs=3, ttt_chunk_tokens=36, ttt_lr=0.5, ttt_momentum=0.9, ttt_grad_clip=0.0, ttt_batch_seqs=2,
-                eval_batch_seqs=3, ttt_lora_rank=0)
+    args = dict(ttt_epochs=3, ttt_chunk_tokens=36, ttt_phases=0, ttt_lr=0.5, ttt_momentum=0.9, ttt_grad_clip=0.0,
+                ttt_batch_seqs=2, eval_batch_seqs=3, ttt_lora_rank=0)
     args.update(overrides)
     return SimpleNamespace(**args)
 
@@ -484,6 +484,19 @@ def test_ttt_scores_each_chunk_with_the_model_trained_only_on_the_chunks_before_
     assert update_first[0] < score_first[0] - 1.0  # memorized: the leak would be plain to see
     assert score_first[0] != pytest.approx(plain[0], rel=1e-3)  # and TTT does change the score
     assert got == pytest.approx(score_first, rel=1e-5)
+
+
+@pytest.mark.parametrize("phases", [2, 3, 7])
+def test_ttt_phases_cut_the_split_into_that_many_chunks_scored_first(eval_setup, phases):
+    """TTT_PHASES=k: k chunks of ceil(targets / k), whatever TTT_CHUNK_TOKENS says, each scored before the
+    model trains on it (the score-first reference at that chunk length)."""
+    model, tokens, luts = eval_setup
+    n = tokens.numel()
+    chunk = tg.ttt_chunk_tokens(ttt_args(ttt_phases=phases), n)
+    assert len(tg.chunk_windows(n, 16, 5, chunk)) == phases and chunk == math.ceil((n - 1) / phases)
+    got, _ = run_ttt(model, tokens, 16, 5, luts, ttt_args(ttt_phases=phases, ttt_chunk_tokens=5))
+    assert got == pytest.approx(reference_ttt(model, tokens, 16, 5, luts, ttt_args(ttt_chunk_tokens=chunk)), rel=1e-5)
+    assert tg.ttt_chunk_tokens(ttt_args(ttt_phases=phases, ttt_epochs=0), n) == n  # no SGD: one chunk
 
 
 def test_ttt_with_one_chunk_is_the_sliding_evaluation_bit_for_bit(eval_setup):
@@ -613,7 +626,7 @@ def lora_setup(eval_setup, tiny_sp):
 def lora_args(**overrides) -> SimpleNamespace:
     """Per-document LoRA alone (TTT_EPOCHS=0); the chunked SGD settings for runs that add it."""
     args = dict(ttt_epochs=0, ttt_lora_rank=2, ttt_lora_lr=0.03, ttt_lora_chunk=5, eval_batch_seqs=3, seed=0,
-                ttt_chunk_tokens=36, ttt_lr=0.5, ttt_momentum=0.9, ttt_grad_clip=0.0, ttt_batch_seqs=2)
+                ttt_chunk_tokens=36, ttt_phases=0, ttt_lr=0.5, ttt_momentum=0.9, ttt_grad_clip=0.0, ttt_batch_seqs=2)
     args.update(overrides)
     return SimpleNamespace(**args)
 

@@ -3,7 +3,7 @@
 
   python3 tools/bench.py train --steps 300 [--nproc 1] [--data /tmp/pg_bench]   # training ms/step
   python3 tools/bench.py eval [--world 8]                                       # sliding-window eval time
-  python3 tools/bench.py lora --lengths VAL_SHARD [--phases 3] [--world 8]      # LoRA TTT's time on one rank
+  python3 tools/bench.py lora --lengths VAL_SHARD [--world 8]       # LoRA TTT's time on one rank (TTT_PHASES=3 ...)
   python3 tools/bench.py attention                                              # SDPA backends at the training shape
   python3 tools/bench.py profile                                                # GPU time per kernel of one step
   python3 tools/bench.py step [--steps 10]                                      # ms per bare training step
@@ -134,14 +134,14 @@ def run_eval(a) -> None:
           f"{tflops:.0f} model TFLOP/s, peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 
-def lora_shapes(tokens, bos: int, args, phases: int, world: int) -> list:
+def lora_shapes(tokens, bos: int, args, world: int) -> list:
     """For each of `world` ranks, {(rows, window): steps} of LoRA TTT over `tokens` as evaluate_ttt deals the
-    documents (doc_groups, every world-th) and LoraScorer walks them (lora_walk); TTT chunks of a `phases`-th
-    of the split if phases, else as the settings make them."""
+    documents (doc_groups, every world-th) and LoraScorer walks them (lora_walk), in TTT chunks as the
+    settings make them (ttt_chunk_tokens)."""
     from collections import Counter
     import train_gpt as tg
     n, seq_len = len(tokens), args.eval_seq_len or args.train_seq_len
-    chunk = math.ceil(n / phases) if phases else args.ttt_chunk_tokens if args.ttt_epochs else n
+    chunk = tg.ttt_chunk_tokens(args, n)
     groups = tg.doc_groups(tokens, bos, chunk, math.ceil((n - 1) / chunk))
     shapes = [Counter() for _ in range(world)]
     for group in groups:
@@ -168,7 +168,7 @@ def run_lora(a) -> None:
     docs = [tokens[x:y] for x, y in tg.doc_spans(tokens, a.bos)]
     order = np.random.default_rng(0)
     big = np.concatenate([docs[j] for _ in range(a.copies) for j in order.permutation(len(docs))] + [tokens[-1:]])
-    one, ranks = lora_shapes(tokens, a.bos, args, a.phases, 1)[0], lora_shapes(big, a.bos, args, a.phases, a.world)
+    one, ranks = lora_shapes(tokens, a.bos, args, 1)[0], lora_shapes(big, a.bos, args, a.world)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = tg.build_model(args, a.bos).to(device)
     model.looping = args.loop_repeats > 0
@@ -194,7 +194,7 @@ def run_lora(a) -> None:
         padded = sum(n * rows * window for (rows, window), n in shapes.items())
         return seconds, f"{sum(shapes.values()):,} steps, {padded / 1e6:.1f}M padded token-passes, {seconds:.1f}s of steps"
 
-    how = f"{a.phases} phases" if a.phases else f"TTT chunks of {args.ttt_chunk_tokens if args.ttt_epochs else 'the whole split'}"
+    how = (f"{args.ttt_phases} phases" if args.ttt_phases else f"TTT chunks of {args.ttt_chunk_tokens}") if args.ttt_epochs else "one TTT chunk"
     print(f"LoRA rank {args.ttt_lora_rank}, chunk {chunk}, {how}, on {device.type}: {len(times)} step shapes, "
           f"captured in {capture_s:.1f}s")
     print(f"the shard on one device ({len(tokens):,} tokens): {summary(one)[1]}")
@@ -475,7 +475,7 @@ def run_proxy(a) -> None:
         raise SystemExit(f"error: {len(failed)} of {len(plans)} proxy runs failed: {', '.join(map(str, failed))}")
 
 
-TTT_KEYS = dict(lr="ttt_lr", chunk="ttt_chunk_tokens", epochs="ttt_epochs", batch="ttt_batch_seqs",
+TTT_KEYS = dict(lr="ttt_lr", chunk="ttt_chunk_tokens", phases="ttt_phases", epochs="ttt_epochs", batch="ttt_batch_seqs",
                 momentum="ttt_momentum", freeze="ttt_freeze_blocks", clip="ttt_grad_clip", rank="ttt_lora_rank",
                 lora_lr="ttt_lora_lr", lora_chunk="ttt_lora_chunk")
 
@@ -559,7 +559,6 @@ def main() -> None:
     lo.add_argument("--lengths", required=True, help="a validation shard whose documents' lengths to use")
     lo.add_argument("--copies", type=int, default=32, help="copies of its documents (32: the proxy's to FineWeb's size)")
     lo.add_argument("--world", type=int, default=8)
-    lo.add_argument("--phases", type=int, default=0, help="TTT chunks of a phases-th of the split (0: TTT_CHUNK_TOKENS)")
     lo.add_argument("--reps", type=int, default=5)
     lo.add_argument("--bos", type=int, default=1)
     sub.add_parser("attention")

@@ -6,7 +6,8 @@ split), are dealt to 8 ranks as evaluate_ttt deals them (tools/bench.py's lora_s
 times). The proxy's documents stand in for FineWeb's, whose lengths are not here. Also: the same with a
 1024-token window (EVAL_SEQ_LEN), and with windows padded to multiples of 256 or 128 instead of powers of two.
 
-Usage: python3 lora_rank_shares.py VAL_SHARD  (the default settings, TTT_LORA_RANK 16, BOS 1)"""
+Usage: python3 lora_rank_shares.py VAL_SHARD  (the default settings, TTT_LORA_RANK 16, BOS 1; since the
+session after d95cc78 through TTT_PHASES, which computes a phase's chunk from the split's targets, n - 1)"""
 import math
 import os
 import sys
@@ -53,15 +54,15 @@ def main() -> None:
     big = np.concatenate([docs[j] for _ in range(COPIES) for j in rng.permutation(len(docs))] + [tokens[-1:]])
     print(f"proxy split: {len(tokens):,} tokens, {len(docs)} documents; {COPIES} copies: {len(big):,} tokens")
     for phases, lora_chunk, seq_len in ((0, 32, 2048), (3, 32, 2048), (3, 64, 2048), (6, 32, 2048), (3, 32, 1024), (3, 64, 1024)):
-        args = settings(TTT_LORA_RANK=16, TTT_EPOCHS=3, TTT_LORA_CHUNK=lora_chunk, EVAL_SEQ_LEN=seq_len)
-        one = bench.lora_shapes(tokens, 1, args, phases, 1)[0]
-        worst = max(bench.lora_shapes(big, 1, args, phases, WORLD), key=padded)
+        args = settings(TTT_LORA_RANK=16, TTT_EPOCHS=3, TTT_LORA_CHUNK=lora_chunk, EVAL_SEQ_LEN=seq_len, TTT_PHASES=phases)
+        one = bench.lora_shapes(tokens, 1, args, 1)[0]
+        worst = max(bench.lora_shapes(big, 1, args, WORLD), key=padded)
         label = f"TTT chunks of {args.ttt_chunk_tokens:,} tokens" if not phases else f"{phases} phases"
         print(f"{label}, LoRA chunk {lora_chunk}, window {seq_len}: one GPU on the proxy {sum(one.values()):,} steps, "
               f"{padded(one) / 1e6:.1f}M padded; busiest of {WORLD} ranks on {COPIES}x {sum(worst.values()):,} steps, "
               f"{padded(worst) / 1e6:.1f}M padded ({sum(worst.values()) / sum(one.values()):.1f}x and "
               f"{padded(worst) / padded(one):.2f}x)")
-    args = settings(TTT_LORA_RANK=16, TTT_EPOCHS=3, TTT_LORA_CHUNK=32, EVAL_SEQ_LEN=2048)
+    args = settings(TTT_LORA_RANK=16, TTT_EPOCHS=3, TTT_LORA_CHUNK=32, EVAL_SEQ_LEN=2048, TTT_PHASES=0)
     for step in (256, 128):
         print(f"3 phases, LoRA chunk 32, windows padded to multiples of {step}: busiest rank "
               f"{finer_windows(big, args, step):.1f}M padded")
