@@ -1,0 +1,4 @@
+#!/bin/bash
+# Device call 4 (warm, after call 3, in the 176 s left): LoRA chunk 48 with the Triton-MLP patch, its step time and
+# R17's 3-phase score (run as one command line; written here as it ran).
+source benchmarks/2026-12-02-proxy-e/setup.sh; git apply benchmarks/2026-12-02-proxy-d/lora_triton_mlp.patch || exit 1; TTT_EPOCHS=3 TTT_PHASES=3 TTT_LORA_RANK=16 TTT_LORA_CHUNK=48 timeout 50 python3 tools/bench.py lora --lengths /tmp/proxy_sp8192/fineweb_val_000000.bin > $OUT/lora_time_chunk48_triton.txt 2>&1; tail -3 $OUT/lora_time_chunk48_triton.txt; echo "[timed at ${SECONDS}s]"; DATA_PATH=/tmp/proxy_sp8192 TTT_EPOCHS=0 TTT_LORA_RANK=0 timeout $((150-SECONDS)) python3 tools/bench.py score --no-baseline --artifact /tmp/proxy_out/final_model.ptz --ttt "epochs=3,phases=3,rank=16,lora_chunk=48" > $OUT/r17_score_phases3_chunk48_triton.txt 2>&1; tail -2 $OUT/r17_score_phases3_chunk48_triton.txt; echo "[done at ${SECONDS}s]"
