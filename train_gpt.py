@@ -1583,7 +1583,7 @@ def qk_norm_rotary(qkv: torch.Tensor, gain: torch.Tensor, cos: torch.Tensor, sin
 # says what we want on any version, and the others stay as fallbacks for shapes cuDNN does not take.
 SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # cuDNN builds a plan for each new shape. Per-document LoRA asks for flash first: its eager steps changed
-# shape at nearly every step; its padded steps (about 35 shapes) were measured so (see MLP.forward).
+# shape at nearly every step; its padded steps (about 35 shapes) were measured so.
 SDPA_ANY_SHAPE = SDPA_PRIORITY[1:]
 
 
@@ -1738,7 +1738,8 @@ class ActSquaredMLP(torch.autograd.Function):
         x, up, down, post, saved = ctx.saved_tensors
         grad = grad.contiguous()
         grad_h = act2_matmul(grad, down, saved, ctx.slope)
-        return grad_h @ up.t(), x.t() @ grad_h, grad.t() @ post, None
+        needs = ctx.needs_input_grad  # frozen weights (LoRA TTT) skip two of the four matmuls
+        return grad_h @ up.t(), x.t() @ grad_h if needs[1] else None, grad.t() @ post if needs[2] else None, None
 
 
 class MLP(nn.Module):
@@ -1749,16 +1750,14 @@ class MLP(nn.Module):
         self.fc = nn.Linear(dim, hidden, bias=False)
         self.proj = nn.Linear(hidden, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, any_shape: bool = False) -> torch.Tensor:
-        """any_shape: per-document LoRA, which takes the plain path. The Triton kernel's loop bounds are
-        compile-time constants of the row count, so each new count compiles it anew: LoRA's eager steps,
-        whose shapes changed at nearly every step, took over 185 s on the proxy with it and cuDNN attention,
-        109 s without both. Its padded steps have few row counts; they were measured on the plain path, and
-        the Triton one is benchmarks/2026-12-02-proxy-d/lora_triton_mlp.patch, not yet measured."""
+    def forward(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        """frozen: the weights take no gradient (LoRA TTT's steps, whose padded shapes give the Triton kernel,
+        compiled once per row count, a few powers of two to compile for)."""
         x = x.to(stream_dtype(x.device))  # what autocast's matmuls would take anyway
         # The Triton path also needs widths of whole 16-byte rows (for the TMA copy engine).
-        if not any_shape and triton_runs(x) and x.size(-1) % 8 == 0 and self.fc.out_features % 8 == 0:
-            up, down = self.fc.weight.to(x.dtype).t().contiguous(), self.proj.weight.to(x.dtype)
+        if triton_runs(x) and x.size(-1) % 8 == 0 and self.fc.out_features % 8 == 0:
+            fc, proj = (self.fc.weight.detach(), self.proj.weight.detach()) if frozen else (self.fc.weight, self.proj.weight)
+            up, down = fc.to(x.dtype).t().contiguous(), proj.to(x.dtype)
             return ActSquaredMLP.apply(x.flatten(0, -2), up, down, self.neg_slope).view(*x.shape[:-1], -1)
         return self.proj(act2_reference(self.fc(x), self.neg_slope).square())
 
@@ -1785,7 +1784,7 @@ class Block(nn.Module):
         x = mix[0] * x + mix[1] * x0
         a = self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, lora)
         h = rms_norm(x if self.parallel else x + a) * self.norm_scale
-        m = self.mlp(h) if lora is None else self.mlp(h, any_shape=True) + lora("mlp", h)
+        m = self.mlp(h) if lora is None else self.mlp(h, frozen=True) + lora("mlp", h)
         return x + a + self.mlp_scale.to(x.dtype) * m
 
 

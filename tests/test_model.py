@@ -436,6 +436,9 @@ def test_act_squared_mlp_function_matches_the_plain_mlp_and_its_gradients(slope)
         assert g.shape == w.shape, name
         err = ((g.double() - w).norm() / w.norm()).item()
         assert err < 2e-2, (name, err)  # bf16 inputs and outputs; a wrong formula is off by far more
+    frozen = xb.detach().requires_grad_()  # weights that take no gradient (LoRA TTT): the same dx, none for them
+    tg.ActSquaredMLP.apply(frozen, up.detach(), down.detach(), slope).backward(grad.bfloat16())
+    torch.testing.assert_close(frozen.grad, xb.grad, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("slope", [0.0, 0.5])
@@ -464,16 +467,17 @@ def test_mlp_negative_slope_lets_negative_pre_activations_through():
     assert (h < 0).any()
 
 
-def test_lora_forward_takes_kernels_that_do_not_specialize_on_shape(monkeypatch):
-    """Per-document LoRA changes shape at nearly every step: its forward must skip the Triton MLP (one
-    compile per row count) and put cuDNN attention (one plan per shape) last; the plain forward keeps both.
-    On the CPU the Triton MLP is replaced by a recorder and told it may run."""
-    seen = {"triton_mlp": 0, "priorities": []}
+def test_lora_forward_takes_the_triton_mlp_with_frozen_weights_and_flash_attention_first(monkeypatch):
+    """LoRA TTT's steps come in a few padded shapes: its forward takes the Triton MLP (one compile per row
+    count) with the weights detached, so that its backward skips their gradients, and puts cuDNN attention
+    (one plan per shape) last; the plain forward keeps cuDNN first and the weights' gradients. On the CPU the
+    Triton MLP is replaced by a recorder and told it may run."""
+    seen = {"frozen": [], "priorities": []}
 
     class RecordingMLP:
         @staticmethod
         def apply(x, up, down, slope):
-            seen["triton_mlp"] += 1
+            seen["frozen"].append(not (up.requires_grad or down.requires_grad))
             return tg.act2_reference(x @ up, slope).square() @ down.t()
 
     def recording_sdpa_kernel(priority, **kw):
@@ -487,13 +491,12 @@ def test_lora_forward_takes_kernels_that_do_not_specialize_on_shape(monkeypatch)
     monkeypatch.setattr(tg, "sdpa_kernel", recording_sdpa_kernel)
     model = make_model(num_layers=3)
     ids = random_ids(batch=2, seq=16)
-    with torch.no_grad():
-        model(ids[:, :-1], ids[:, 1:])
-        assert seen["triton_mlp"] == 3
-        assert len(seen["priorities"]) == 3 and all(p[0] == tg.SDPBackend.CUDNN_ATTENTION for p in seen["priorities"])
-        seen.update(triton_mlp=0, priorities=[])
-        model(ids[:, :-1], ids[:, 1:], tg.DocAdapters(model, 2, 2, 0))
-    assert seen["triton_mlp"] == 0
+    model(ids[:, :-1], ids[:, 1:])
+    assert seen["frozen"] == [False] * 3
+    assert len(seen["priorities"]) == 3 and all(p[0] == tg.SDPBackend.CUDNN_ATTENTION for p in seen["priorities"])
+    seen.update(frozen=[], priorities=[])
+    model(ids[:, :-1], ids[:, 1:], tg.DocAdapters(model, 2, 2, 0))
+    assert seen["frozen"] == [True] * 3
     assert len(seen["priorities"]) == 3
     assert all(p[0] == tg.SDPBackend.FLASH_ATTENTION and tg.SDPBackend.CUDNN_ATTENTION not in p for p in seen["priorities"])
 
