@@ -34,7 +34,7 @@ def tiny_config(corpus: dict, out_dir: Path, **overrides) -> dict:
     cfg = dict(DATA_PATH=corpus["data_path"], TOKENIZER_PATH=corpus["tokenizer"], VOCAB_SIZE=corpus["vocab_size"],
                NUM_LAYERS=2, MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, TRAIN_SEQ_LEN=64, TRAIN_BATCH_TOKENS=512,
                ITERATIONS=3, WARMUP_STEPS=1, MAX_WALLCLOCK_SECONDS=0, VAL_LOSS_EVERY=0, COMPILE=0,
-               BIGRAM_VOCAB_SIZE=64, BIGRAM_DIM=16, OUT_DIR=out_dir, EVAL_STRIDE=32, LOOP_REPEATS=0, TTT_EPOCHS=0)
+               BIGRAM_VOCAB_SIZE=64, BIGRAM_DIM=16, OUT_DIR=out_dir, EVAL_STRIDE=32, LOOP_REPEATS=0, TTT_EPOCHS=0, TTT_LORA_RANK=0)
     cfg.update(overrides)
     return cfg
 
@@ -141,7 +141,7 @@ def test_run_sh_smoke_run_writes_a_consistent_submission(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     lines = proc.stdout.strip().splitlines()
-    match = re.match(FINAL_SCORE.pattern.replace("eval:sliding", r"eval:sliding\+ttt"), lines[-1])  # TTT on by default
+    match = re.match(FINAL_SCORE.pattern.replace("eval:sliding", r"eval:docs\+lora\+ttt"), lines[-1])  # TTT on by default
     assert match, lines[-1]
     val_loss, val_bpb = float(match.group(1)), float(match.group(2))
     assert 0 < val_bpb < 10 and 0 < val_loss < 10
@@ -263,11 +263,11 @@ def test_two_processes_train_like_one(tiny_corpus, tmp_path):
 
 
 @pytest.mark.parametrize("settings,mode,detail", [
-    (dict(TTT_EPOCHS=1, TTT_CHUNK_TOKENS=2048, TTT_BATCH_SEQS=8), "sliding+ttt",
+    (dict(TTT_EPOCHS=1, TTT_PHASES=0, TTT_CHUNK_TOKENS=2048, TTT_BATCH_SEQS=8), "sliding+ttt",
      "seq_len 64 stride 32, chunks of 2048 tokens"),
     (dict(TTT_LORA_RANK=2, TTT_LORA_CHUNK=16), "docs+lora", "seq_len 64, LoRA rank 2 on 16-token document chunks"),
-    (dict(TTT_EPOCHS=1, TTT_CHUNK_TOKENS=2048, TTT_BATCH_SEQS=8, TTT_LORA_RANK=2, TTT_LORA_CHUNK=16), "docs+lora+ttt",
-     "seq_len 64, chunks of 2048 tokens, LoRA rank 2 on 16-token document chunks"),
+    (dict(TTT_EPOCHS=1, TTT_PHASES=2, TTT_BATCH_SEQS=8, TTT_LORA_RANK=2, TTT_LORA_CHUNK=16), "docs+lora+ttt",
+     r"seq_len 64, 2 phases of \d+ tokens, LoRA rank 2 on 16-token document chunks"),
 ])
 def test_ttt_run_replaces_the_sliding_score_and_logs_its_time_split(tiny_corpus, tmp_path, settings, mode, detail):
     out = tmp_path / "out"
@@ -279,7 +279,7 @@ def test_ttt_run_replaces_the_sliding_score_and_logs_its_time_split(tiny_corpus,
     assert match, last
     assert 0 < float(match.group(2)) < 10
     assert "(sliding, seq_len" not in log  # no separate sliding pass
-    assert re.search(rf"^round trip: .* \({re.escape(mode)}, {detail}\)$", log, re.M)
+    assert re.search(rf"^round trip: .* \({re.escape(mode)}, {detail}\)$", log, re.M), log
     times = re.search(r"^ttt time on 1 rank\(s\): scoring \d+\.\ds \+ adaptation \d+\.\ds; on 8 GPUs about .*$", log, re.M)
     assert times and ("LoRA: more, a rank waits for its longest documents" in times[0]) == ("lora" in mode)
     sub = json.loads((out / "submission.json").read_text())
