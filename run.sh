@@ -2,9 +2,9 @@
 # The main job. With CUDA and the challenge's shards under DATA_PATH: the competition run on every GPU
 # of this machine. Otherwise: a small end-to-end smoke run (on the CPU, or one GPU if there is one),
 # on prose and a tokenizer that tools/make_data.py generates; its score is not a FineWeb score. Its
-# training stops at 200 steps or 90 s, whichever comes first: two to two and a half minutes in all with the
+# training stops at 200 steps or 90 s, whichever comes first: two to three minutes in all with the
 # evaluation and its test-time training (README). One intra-op thread: on 2 busy cores, 2 threads took
-# 7-12x longer a step. A CPU step takes 1-2.8 s, so the run's last step overshoots its cap by up to one step
+# 7-12x longer a step. A CPU step takes 0.8-3 s, so the run's last step overshoots its cap by up to one step
 # and the calibration takes 1.6-3.5 s: hence a 10 s GPTQ reserve; an EMA of 0.9 suits a run of tens of steps.
 set -euo pipefail
 cd "$(dirname "$0")"
