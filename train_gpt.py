@@ -7,8 +7,10 @@ Every knob is an environment variable (see Hyperparameters). The run trains, ave
 (EMA/SWA), collects GPTQ Hessians and weight sensitivities from training tokens inside the time budget,
 quantizes the weights to per-group integer widths (int6/int7 by default) with GPTQ at std-based clips
 spread over the matrices by sensitivity, packs them with zstd or lzma, rebuilds a fresh model from that
-file alone and scores it with the exact stride-64 sliding-window evaluator and score-first test-time
-training (TTT_EPOCHS=0: without). The last line of the log is the score of the round-tripped model.
+file alone and scores it with score-first test-time training: each document alone with its own LoRA
+adapters, the whole model trained on each third of the text once it is scored (TTT_EPOCHS=0 TTT_LORA_RANK=0:
+the exact stride-64 sliding-window evaluator instead). The last line of the log is the score of the
+round-tripped model.
 """
 from __future__ import annotations
 
@@ -226,8 +228,8 @@ class Hyperparameters:
         self.eval_stride = env("EVAL_STRIDE", 64, at_least(0))  # 0: plain non-overlapping windows
         self.eval_batch_seqs = env("EVAL_BATCH_SEQS", 32, at_least(1))
 
-        # Score-first test-time training on the validation text (0 epochs: off).
-        self.ttt_epochs = env("TTT_EPOCHS", 3, at_least(0))  # score-first TTT: SGD passes per scored chunk; 0: off
+        # Score-first test-time training on the validation text (TTT_EPOCHS=0 and TTT_LORA_RANK=0: off).
+        self.ttt_epochs = env("TTT_EPOCHS", 3, at_least(0))  # SGD passes of the whole model per scored chunk; 0: none
         self.ttt_chunk_tokens = env("TTT_CHUNK_TOKENS", 32768, at_least(1))
         self.ttt_phases = env("TTT_PHASES", 3, at_least(0))  # > 0: the chunks are the split cut in this many parts
         self.ttt_lr = env("TTT_LR", 0.02, at_least(0))  # cosine decay across chunks
