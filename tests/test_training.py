@@ -137,7 +137,7 @@ def test_run_sh_smoke_run_writes_a_consistent_submission(tmp_path):
     empty = tmp_path / "no_shards"  # no shards here: run.sh must take its CPU smoke branch
     empty.mkdir()
     proc = subprocess.run(["bash", "run.sh"], cwd=ROOT, capture_output=True, text=True, timeout=480,
-                          env=clean_env(ITERATIONS=30, MAX_WALLCLOCK_SECONDS=0, OUT_DIR=out, DATA_PATH=empty))
+                          env=clean_env(ITERATIONS=12, MAX_WALLCLOCK_SECONDS=0, OUT_DIR=out, DATA_PATH=empty))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     lines = proc.stdout.strip().splitlines()
