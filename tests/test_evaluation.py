@@ -721,6 +721,10 @@ def test_lora_with_chunked_sgd_scores_each_chunks_documents_before_the_base_mode
     assert update_first[0] < score_first[0] - 0.5
     assert abs(score_first[0] - lora_only[0]) > 0.01  # the base model's SGD changes the score
     assert run_lora(model, tokens, 16, luts, args) == pytest.approx(score_first, rel=1e-5)
+    phases = 3  # the default's form: the chunks are thirds of the text (the reference is told their length)
+    third = lora_args(ttt_epochs=2, ttt_lora_lr=lora_lr, ttt_chunk_tokens=math.ceil((tokens.numel() - 1) / phases))
+    got = run_lora(model, tokens, 16, luts, lora_args(ttt_epochs=2, ttt_lora_lr=lora_lr, ttt_phases=phases))
+    assert got == pytest.approx(reference_lora(model, tokens, 16, luts, third), rel=1e-5)
 
 
 @pytest.mark.parametrize("seq_len,chunk", [(16, 5), (16, 16), (200, 7)])
