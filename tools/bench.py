@@ -17,7 +17,7 @@ for the configured VOCAB_SIZE (cached under /tmp/proxy_spVOCAB), runs train_gpt.
 rank's share of a competition step (TRAIN_BATCH_TOKENS=98304, GRAD_ACCUM_STEPS=1), the wallclock cap
 T and every step-counted schedule (WARMDOWN_ITERS, MUON_MOMENTUM_WARMUP_STEPS, SWA_EVERY, and the EMA's
 horizon 1/(1-EMA_DECAY)) scaled by T/600, and prints one line: final proxy val_bpb (round trip, with
-its evaluation mode: sliding+ttt by default), pre-quantization bpb, quantization cost, steps, ms/step,
+its evaluation mode: docs+lora+ttt by default), pre-quantization bpb, quantization cost, steps, ms/step,
 artifact bytes. It appends that line, with the settings taken from the environment and the commit, to
 benchmarks/proxy_results.md. Any other setting passes through from
 the environment. A proxy number is never a FineWeb number.
