@@ -3,7 +3,7 @@
 
   python3 tools/bench.py train --steps 300 [--nproc 1] [--data /tmp/pg_bench]   # training ms/step
   python3 tools/bench.py eval [--world 8]                                       # sliding-window eval time
-  python3 tools/bench.py lora --lengths VAL_SHARD [--world 8]       # LoRA TTT's time on one rank (TTT_PHASES=3 ...)
+  python3 tools/bench.py lora --lengths VAL_SHARD [--world 8]                   # LoRA TTT's time on the busiest rank
   python3 tools/bench.py attention                                              # SDPA backends at the training shape
   python3 tools/bench.py profile                                                # GPU time per kernel of one step
   python3 tools/bench.py step [--steps 10]                                      # ms per bare training step
