@@ -460,6 +460,13 @@ def lr_multiplier(step: int, elapsed_ms: float, args) -> float:
     return warm * (args.lr_floor + (1 - args.lr_floor) * down)
 
 
+def muon_momentum(step: int, args) -> float:
+    """Muon's momentum, raised linearly from MUON_MOMENTUM_WARMUP_START to MUON_MOMENTUM over the first
+    MUON_MOMENTUM_WARMUP_STEPS steps."""
+    frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps > 0 else 1.0
+    return (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
+
+
 class WeightAverager:
     """EMA of the weights every step (EMA_DECAY > 0) and/or SWA: an equal-weight mean of snapshots
     taken every SWA_EVERY steps once the LR multiplier is below SWA_START_FRAC. SWA snapshots the EMA
@@ -2123,8 +2130,7 @@ def train_and_score(args: Hyperparameters, rank: int, world: int, device: torch.
             opt.zero_grad(set_to_none=True)
         loss = accumulate_gradients(model, batches, micro_steps, device)
         lr_mul = lr_multiplier(step, elapsed_ms, args)
-        frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps > 0 else 1.0
-        optimizers[1].param_groups[0]["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
+        optimizers[1].param_groups[0]["momentum"] = muon_momentum(step, args)
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * lr_mul

@@ -203,6 +203,8 @@ def test_bigram_bucket_depends_on_the_pair_and_spreads():
     # Same token after different predecessors lands in different buckets, and all 4096 pairs spread out.
     assert h.view(VOCAB, VOCAB)[:, 5].unique().numel() > VOCAB // 2
     assert h.unique().numel() > 1000
+    # The pair is ordered: (a, b) and (b, a) are different bigrams, so they rarely share a bucket.
+    assert (h.view(VOCAB, VOCAB) == h.view(VOCAB, VOCAB).T).float().mean() < 0.05
 
 
 def test_bigram_start_bucket_via_model_for_bos_and_position_zero():
@@ -611,13 +613,36 @@ def test_parallel_last_n_sets_the_last_blocks_parallel():
     assert [b.parallel for b in make_model(num_layers=5, parallel_last_n=2).blocks] == [False] * 3 + [True] * 2
 
 
-def test_skip_gates_start_as_an_even_blend_and_learn():
+def model_from_settings(monkeypatch, **settings) -> tg.GPT:
+    """A small GPT built as the script builds it, from settings in the environment."""
+    small = dict(VOCAB_SIZE=VOCAB, NUM_LAYERS=2, MODEL_DIM=DIM, NUM_HEADS=HEADS, NUM_KV_HEADS=KV_HEADS, ROPE_DIMS=0)
+    for name, value in {**small, **settings}.items():
+        monkeypatch.setenv(name, str(value))
+    return tg.build_model(tg.Hyperparameters(), BOS)
+
+
+def test_mlp_mult_sets_each_mlps_hidden_width(monkeypatch):
+    for mult, hidden in ((2.5, 80), (4, 128)):
+        for blk in model_from_settings(monkeypatch, MLP_MULT=mult).blocks:
+            assert blk.mlp.fc.weight.shape == (hidden, DIM) and blk.mlp.proj.weight.shape == (DIM, hidden)
+
+
+def test_qk_gain_init_is_every_heads_starting_query_gain(monkeypatch):
+    for gain in (1.5, 5.25):
+        for blk in model_from_settings(monkeypatch, QK_GAIN_INIT=gain).blocks:
+            torch.testing.assert_close(blk.attn.q_gain.detach(), torch.full((HEADS,), gain))
+
+
+def test_skip_gates_blend_by_their_sigmoid_starting_even_and_learn():
     model = perturb(make_model(num_layers=4, skip_gates=True))
     with torch.no_grad():
         model.skip_gates.zero_()
     x, skip = torch.randn(1, 3, DIM), torch.randn(1, 3, DIM)
     with torch.no_grad():
         torch.testing.assert_close(model.skip_in(1, x, skip), 0.5 * x + 0.5 * model.skip_weights[1] * skip)
+        model.skip_gates.normal_()  # away from the even blend the gate's sigmoid is the running stream's share
+        g = torch.sigmoid(model.skip_gates[1])
+        torch.testing.assert_close(model.skip_in(1, x, skip), g * x + (1 - g) * model.skip_weights[1] * skip)
     model(random_ids(2, 12), random_ids(2, 12, seed=1)).mean().backward()
     assert (model.skip_gates.grad.abs().sum(dim=1) > 0).all()
 
