@@ -633,6 +633,20 @@ def test_qk_gain_init_is_every_heads_starting_query_gain(monkeypatch):
             torch.testing.assert_close(blk.attn.q_gain.detach(), torch.full((HEADS,), gain))
 
 
+def test_unet_skips_feed_the_encoders_outputs_to_the_decoder_last_in_first_out():
+    model = perturb(make_model(num_layers=6))  # 3 encoder blocks, 3 decoder blocks
+    outs, seen = [], []
+    for blk in model.blocks[:3]:
+        blk.register_forward_hook(lambda module, inputs, out: outs.append(out.detach().clone()))
+    skip_in = model.skip_in
+    model.skip_in = lambda j, x, skip: seen.append((j, skip.detach().clone())) or skip_in(j, x, skip)
+    with torch.no_grad():
+        model(random_ids(1, 12), random_ids(1, 12, seed=2))
+    assert [j for j, _ in seen] == [0, 1, 2]
+    for j, skip in seen:
+        torch.testing.assert_close(skip, outs[2 - j])
+
+
 def test_skip_gates_blend_by_their_sigmoid_starting_even_and_learn():
     model = perturb(make_model(num_layers=4, skip_gates=True))
     with torch.no_grad():

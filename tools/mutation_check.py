@@ -7,7 +7,7 @@ Each mutation replaces one exact piece of train_gpt.py (it must occur once), run
 cover that section with pytest -x, and prints the first failing test, or "NOT CAUGHT". train_gpt.py is
 restored after every mutation, also on Ctrl-C. Exit status 1 when any mutation is not caught or no
 longer applies (the code moved on: update its line here). On this workplace's CPU the whole list takes
-about a minute.
+about three minutes.
 """
 import argparse
 import subprocess
@@ -17,6 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ["tests/test_model.py", "tests/test_hyperparameters.py"]
 OPTIM = ["tests/test_optimizer.py"]
+QUANT = ["tests/test_quantization.py"]
+EVAL = ["tests/test_evaluation.py"]
 
 # (technique: how it is broken, the exact code, its broken form, test files to run)
 MUTATIONS = [
@@ -55,6 +57,25 @@ MUTATIONS = [
      "down = (1 - training_progress(step, elapsed_ms, args)) / args.warmdown_frac",
      "down = (1 - training_progress(step, elapsed_ms, args)) / (1 - args.warmdown_frac)", OPTIM),
     ("LR floor ignored", "return warm * (args.lr_floor + (1 - args.lr_floor) * down)", "return warm * down", OPTIM),
+    ("SmearGate: blends toward itself", "blended = torch.lerp(x, prev, torch.sigmoid(self.gate).to(x.dtype))",
+     "blended = torch.lerp(prev, x, torch.sigmoid(self.gate).to(x.dtype))", MODEL),
+    ("SmearGate: a document's start smeared too", "return torch.where(starts[..., None], x, blended)",
+     "return blended", MODEL),
+    ("U-Net skips: first in, first out", "x = self.skip_in(pos - encoder, x, skips.pop())",
+     "x = self.skip_in(pos - encoder, x, skips.pop(0))", MODEL),
+    ("depth recurrence: the last looped block left out",
+     "list(range(first, last + 1)) * loop_repeats", "list(range(first, last)) * loop_repeats", MODEL),
+    ("SDClip: a step of k std / (qmax + 1)", "return (clip * w.std(dim=1, correction=0, keepdim=True) / qmax)",
+     "return (clip * w.std(dim=1, correction=0, keepdim=True) / (qmax + 1))", QUANT),
+    ("GPTQ: a column's error pushed the wrong way", "wb[:, i + 1 :] -= e * ub[i : i + 1, i + 1 :]",
+     "wb[:, i + 1 :] += e * ub[i : i + 1, i + 1 :]", QUANT),
+    ("GPTQ: a block's errors kept from later blocks", "w[:, end:] -= err @ u[start:end, end:]",
+     "w[:, end:] -= 0 * (err @ u[start:end, end:])", QUANT),
+    ("QUANT_ALLOC: wider clips for the more sensitive", "out[n] = k * min(max(math.exp(-alloc * (logs[n] - center))",
+     "out[n] = k * min(max(math.exp(alloc * (logs[n] - center))", QUANT),
+    ("TTT: each chunk trained on before it is scored", "train_on_chunk(model, params, opt, tokens, c, chunk,",
+     "train_on_chunk(model, params, opt, tokens, c + 1, chunk,", EVAL),
+    ("LoRA TTT: a target read as its own input", "step.pos.copy_(target - lo - 1)", "step.pos.copy_(target - lo)", EVAL),
 ]
 
 
