@@ -390,13 +390,13 @@ def test_lr_multiplier_decreases_as_elapsed_approaches_cap_at_a_fixed_step():
     assert values[-1] == 0.0
 
 
-
 def test_muon_momentum_rises_linearly_from_its_warmup_start_then_holds():
     args = SimpleNamespace(muon_momentum=0.97, muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=100)
     for step, want in ((0, 0.92), (25, 0.9325), (50, 0.945), (100, 0.97), (5000, 0.97)):
         assert tg.muon_momentum(step, args) == pytest.approx(want), step
     args.muon_momentum_warmup_steps = 0
     assert tg.muon_momentum(0, args) == pytest.approx(0.97)
+
 
 # -----------------------------------------------------------------------------
 # WeightAverager

@@ -6,8 +6,8 @@
 Each mutation replaces one exact piece of train_gpt.py (it must occur once), runs the test files that
 cover that section with pytest -x, and prints the first failing test, or "NOT CAUGHT". train_gpt.py is
 restored after every mutation, also on Ctrl-C. Exit status 1 when any mutation is not caught or no
-longer applies (the code moved on: update its line here). On this workplace's CPU the whole list takes
-about three minutes.
+longer applies (the code moved on: update its line here). On this workplace's CPU the whole list took
+129 s (2026-12-02).
 """
 import argparse
 import subprocess
