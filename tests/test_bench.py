@@ -53,6 +53,17 @@ def test_proxy_variants_parse_into_one_run_each():
         bench.proxy_variants("XSA_LAST_N")
 
 
+def test_variant_plan_logs_every_setting_given_and_scales_the_schedules_it_passes_on(tmp_path):
+    """A schedule given by hand (SWA_EVERY=50) is in the row's settings at the value given and reaches the run
+    scaled by T/600; what the protocol sets itself is not a change."""
+    import train_gpt as tg
+    a = SimpleNamespace(tokenizers=str(tmp_path), data="", t=180.0)
+    plan = bench.variant_plan(tg, a, {"EMA_DECAY": "0", "SWA_EVERY": "50", "OUT_DIR": "/x"}, tmp_path / "v0")
+    assert plan["changed"] == {"EMA_DECAY": "0", "SWA_EVERY": "50"}
+    assert (plan["env"]["SWA_EVERY"], plan["env"]["EMA_DECAY"], plan["env"]["OUT_DIR"]) == ("15", "0", str(tmp_path / "v0"))
+    assert plan["tokenizer"] == tmp_path / "fineweb_8192_bpe.model" and plan["data"] == Path("/tmp/proxy_sp8192")
+
+
 # Stands in for train_gpt.py: its Hyperparameters for the settings, and a run that writes the log lines the
 # summary reads, its val_bpb made from XSA_LAST_N and its GPU from CUDA_VISIBLE_DEVICES; XSA_LAST_N=5 fails.
 STUB_SCRIPT = '''
