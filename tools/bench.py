@@ -359,8 +359,8 @@ def run_compare(a) -> None:
 # wallclock cut from 600 s to T, and every schedule counted in steps cut by the same factor.
 PROXY_BATCH_TOKENS = 98_304
 STEP_SCHEDULES = ("WARMDOWN_ITERS", "MUON_MOMENTUM_WARMUP_STEPS", "SWA_EVERY")
-# Set by the protocol, so not logged as changed. A step schedule set by hand is logged at the value given, which
-# the run gets scaled, as an EMA_DECAY given is.
+# Set by the protocol, so not logged as changed. A step schedule given by hand is logged at its given value (the
+# run gets it scaled, as it gets EMA_DECAY).
 PROXY_SET = ("DATA_PATH", "TOKENIZER_PATH", "TRAIN_BATCH_TOKENS", "GRAD_ACCUM_STEPS", "MAX_WALLCLOCK_SECONDS",
              "VAL_LOSS_EVERY", "OUT_DIR", "ALLOW_OVER_CAP")
 PROXY_PATTERNS = dict(

@@ -6,7 +6,6 @@ rm -rf /tmp/proxy_out  # a warm machine keeps the last call's logs; they must no
 SEED=${SEED:-1337} TTT_EPOCHS=0 TTT_LORA_RANK=0 PROXY_COMMIT=$1 timeout -s INT $((585-SECONDS)) python3 tools/bench.py proxy \
   --text .carry/proxy --tokenizers .carry/tok --results $OUT/proxy_results.md --variants "$2" > $OUT/$3_stdout.txt 2>&1
 tail -4 $OUT/$3_stdout.txt
-cp /tmp/proxy_out/train.log $OUT/$3_train.log 2>/dev/null  # one variant: its log is at the top
 for d in /tmp/proxy_out/v*; do
   cp $d/train.log $OUT/$3_$(basename $d)_train.log 2>/dev/null; cp $d/stdout.txt $OUT/$3_$(basename $d)_stdout.txt 2>/dev/null
   grep -h "^proxy shards\|^final_score\|Traceback\|error" $d/stdout.txt | tail -3
