@@ -7,6 +7,7 @@ SEED=${SEED:-1337} TTT_EPOCHS=0 TTT_LORA_RANK=0 PROXY_COMMIT=$1 timeout -s INT $
   --text .carry/proxy --tokenizers .carry/tok --results $OUT/proxy_results.md --variants "$2" > $OUT/$3_stdout.txt 2>&1
 tail -4 $OUT/$3_stdout.txt
 for d in /tmp/proxy_out/v*; do
+  [ -d "$d" ] || continue  # a one-variant run writes no vN folder: its log is the stdout above
   cp $d/train.log $OUT/$3_$(basename $d)_train.log 2>/dev/null; cp $d/stdout.txt $OUT/$3_$(basename $d)_stdout.txt 2>/dev/null
   grep -h "^proxy shards\|^final_score\|Traceback\|error" $d/stdout.txt | tail -3
 done
